@@ -1,0 +1,212 @@
+"""Attention over the paged KV pool: the batch metadata and the backends behind one ABC.
+
+A step's flat token batch is ordered prefill sequences first, then decoding sequences
+(exactly one query token each):
+
+    tokens:  [ p0 p0 p0 p0 | p1 p1 | d0 | d1 | d2 ]
+    qsl:     0             4       6    7    8    9      (query_start_loc, [B+1])
+    seq_lens:  ctx0 + 4      ctx1+2  L0   L1   L2         (tokens in the cache after this step)
+
+Every backend first writes the step's new K/V into the pool at `slot_mapping`, then lets
+each query token attend to all cached positions up to and including its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_pool import KVPool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: flat slot of each new token's K/V
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32: context + query tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32; padding entries are 0 and never read
+    num_prefill_seqs: int
+    num_prefill_tokens: int
+    max_query_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def prefill_has_context(self) -> bool:
+        """True if any prefill chunk attends to tokens computed in an earlier step."""
+        return any(
+            s != q
+            for s, q in zip(
+                self.seq_lens_cpu[: self.num_prefill_seqs],
+                self.query_lens_cpu[: self.num_prefill_seqs],
+                strict=True,
+            )
+        )
+
+
+class AttentionBackend(ABC):
+    """Writes a layer's new K/V into the pool and computes attention for every query token."""
+
+    def __init__(self, pool: KVPool, num_heads: int, head_dim: int) -> None:
+        self.pool = pool
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+
+    def write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        # k, v: [T, Hkv, D] -> slots of the pool. Graph-capturable (no host sync).
+        k_cache, v_cache = self.pool.layer(layer_idx)
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
+
+    @abstractmethod
+    def forward(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]."""
+
+
+def gather_sequence_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the first seq_len tokens of one sequence, each [seq_len, Hkv, D]."""
+    block_size = k_cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    ids = block_table[:num_blocks].long()
+    k = k_cache.index_select(0, ids).flatten(0, 1)[:seq_len]
+    v = v_cache.index_select(0, ids).flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of the last n positions of a sequence over all of it, plain torch.
+
+    q: [n, Hq, D], k/v: [L, Hkv, D] with n <= L; query i sits at position L - n + i.
+    Returns [n, Hq, D]. Cost: O(n * L) per head; the CPU path and the test oracle.
+    """
+    n, num_heads, _ = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [H, n, L]
+    q_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
+    k_pos = torch.arange(seq_len, device=q.device)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+class TorchReferenceBackend(AttentionBackend):
+    """Plain torch, one sequence at a time, reading through the block table. Any device."""
+
+    def forward(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        self.write_kv(layer_idx, k, v, meta)
+        k_cache, v_cache = self.pool.layer(layer_idx)
+        out = torch.empty_like(q)
+        start = 0
+        for b, (n, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
+            ks, vs = gather_sequence_kv(k_cache, v_cache, meta.block_tables[b], seq_len)
+            out[start : start + n] = reference_attention(q[start : start + n], ks, vs, self.scale)
+            start += n
+        return out
+
+
+class TritonBackend(AttentionBackend):
+    """CUDA: SDPA (flash) for fresh prompts, Triton kernels for paged prefill and decode.
+
+    Decode-only steps are CUDA-graph capturable: the decode kernel's grid depends on shapes
+    only and nothing here reads device values back to the host on that path.
+    """
+
+    def __init__(self, pool: KVPool, num_heads: int, head_dim: int) -> None:
+        super().__init__(pool, num_heads, head_dim)
+        from engine import triton_attention  # needs triton, present only on GPU machines
+
+        self._kernels = triton_attention
+
+    def forward(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        self.write_kv(layer_idx, k, v, meta)
+        k_cache, v_cache = self.pool.layer(layer_idx)
+        out = torch.empty_like(q)
+        npt, nps = meta.num_prefill_tokens, meta.num_prefill_seqs
+        if nps:
+            if meta.prefill_has_context:
+                self._kernels.paged_prefill_attention(
+                    q[:npt],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[:nps],
+                    meta.query_start_loc[: nps + 1],
+                    meta.seq_lens[:nps],
+                    meta.max_query_len,
+                    self.scale,
+                    out=out[:npt],
+                )
+            else:
+                self._fresh_prefill(q, k, v, meta, out)
+        if q.shape[0] > npt:
+            self._kernels.paged_decode_attention(
+                q[npt:],
+                k_cache,
+                v_cache,
+                meta.block_tables[nps:],
+                meta.seq_lens[nps:],
+                self.scale,
+                out=out[npt:],
+            )
+        return out
+
+    def _fresh_prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+    ) -> None:
+        # No cached context: attention reads this step's contiguous K/V; flash SDPA per prompt.
+        start = 0
+        for n in meta.query_lens_cpu[: meta.num_prefill_seqs]:
+            sl = slice(start, start + n)
+            o = F.scaled_dot_product_attention(
+                q[sl].transpose(0, 1),  # [Hq, n, D]
+                k[sl].transpose(0, 1),
+                v[sl].transpose(0, 1),
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            out[sl] = o.transpose(0, 1)
+            start += n
+
+
+def make_backend(pool: KVPool, num_heads: int, head_dim: int) -> AttentionBackend:
+    """The fast path on CUDA, the reference path elsewhere."""
+    if pool.device.type == "cuda":
+        return TritonBackend(pool, num_heads, head_dim)
+    return TorchReferenceBackend(pool, num_heads, head_dim)

@@ -1,0 +1,430 @@
+"""The engine: add requests, step, stream outputs; colocated serving in one object.
+
+One step is three moves: the scheduler picks the batch, the model runner computes it, and
+the results are sampled and checked against each request's stop conditions.
+
+Besides plain colocated serving, the engine offers the two halves of disaggregation as
+first-class operations on its blocks:
+
+  prefill side   add_request(..., hold_kv=True)  the request stops after its first token and
+                                                 keeps its blocks; `held_blocks()` names
+                                                 them, `KVPool.read_blocks` reads them,
+                                                 `release()` frees them.
+  decode side    reserve()  -> block ids to write into (prefix-cache hits already filled)
+                 commit()   -> the request joins the decode batch from its first token
+                 cancel_reservation() frees the blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.attention import make_backend
+from engine.block_manager import BlockManager, PrefixCacheStats
+from engine.config import EngineConfig
+from engine.kv_pool import KVPool, block_bytes, dtype_from_name
+from engine.model import LlamaForCausalLM
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.weights import init_dummy_weights, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_BYTES = 256 * 2**20
+
+
+class PoolExhausted(Exception):
+    """The pool cannot hold this request now (retry later or elsewhere)."""
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    logprobs: list[TokenLogprobs]
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    block_ids: list[int]  # the sequence's whole block table, in order
+    num_cached_tokens: int  # leading tokens already present (prefix-cache hits): not sent
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    hold_kv: bool
+    text: str = ""
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: str | Path | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = dtype_from_name(config.dtype)
+        self.tokenizer = tokenizer
+        max_len = config.resolved_max_model_len
+        self.model = LlamaForCausalLM(config.model, self.dtype, self.device, max_len=max_len)
+        if model_path is None:
+            init_dummy_weights(self.model, seed=config.seed)
+        else:
+            load_checkpoint(self.model, Path(model_path))
+        self.model.eval()
+        num_blocks = self._num_kv_blocks()
+        # One extra block beyond the manager's range: scratch space for graph padding rows.
+        self.pool = KVPool(config.model, num_blocks + 1, config.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        backend = make_backend(self.pool, config.model.num_attention_heads, config.model.head_dim)
+        self.runner = ModelRunner(config, self.model, self.pool, backend, scratch_block=num_blocks)
+        self.runner.capture_decode_graphs()
+        self.sampler = Sampler(make_generator(config.seed, self.device))
+        self._requests: dict[str, _Request] = {}
+        self._held: dict[str, Sequence] = {}
+        self._reserved: dict[str, _Request] = {}
+        log.info(
+            "engine ready: %s, %s on %s, KV capacity %d tokens",
+            config.model.architecture,
+            config.dtype,
+            self.device,
+            num_blocks * config.block_size,
+        )
+
+    # ---- sizing --------------------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        per_block = block_bytes(cfg.model, cfg.block_size, self.dtype)
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_free_gpu_bytes()
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+        num_blocks = budget // per_block - 1  # minus the scratch block
+        if num_blocks < cfg.max_blocks_per_seq:
+            log.warning(
+                "KV pool of %d blocks holds less than one max-length sequence (%d blocks)",
+                num_blocks,
+                cfg.max_blocks_per_seq,
+            )
+        if num_blocks <= 0:
+            raise ValueError(
+                f"no room for the KV pool: budget {budget} bytes, {per_block} bytes per block"
+            )
+        return int(num_blocks)
+
+    @torch.inference_mode()
+    def _profile_free_gpu_bytes(self) -> int:
+        """GPU bytes left for KV after weights and the peak activations of a full step."""
+        cfg = self.config
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = cfg.max_num_batched_tokens
+        probe_blocks = (tokens + cfg.block_size - 1) // cfg.block_size + 1
+        probe_pool = KVPool(cfg.model, probe_blocks, cfg.block_size, self.dtype, self.device)
+        backend = make_backend(probe_pool, cfg.model.num_attention_heads, cfg.model.head_dim)
+        from engine.attention import AttentionMetadata
+
+        n = min(tokens, cfg.resolved_max_model_len)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, dtype=torch.long, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(probe_blocks, dtype=torch.int32, device=self.device)[None],
+            num_prefill_seqs=1,
+            num_prefill_tokens=n,
+            max_query_len=n,
+            query_lens_cpu=[n],
+            seq_lens_cpu=[n],
+        )
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), backend, meta)
+        rows = min(cfg.max_num_seqs, n)
+        self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - probe_pool.num_bytes
+        del probe_pool, backend, hidden
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        # Memory outside torch's allocator (CUDA context, NCCL, other processes).
+        free, _ = torch.cuda.mem_get_info(self.device)
+        non_torch = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * cfg.gpu_memory_utilization) - peak - non_torch
+        log.info(
+            "GPU memory: total %.1f GiB, weights+activations peak %.1f GiB, other %.1f GiB, "
+            "KV budget %.1f GiB",
+            total / 2**30,
+            peak / 2**30,
+            non_torch / 2**30,
+            budget / 2**30,
+        )
+        return budget
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str,
+    ) -> Sequence:
+        if request_id in self._requests or request_id in self._held or request_id in self._reserved:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.config.model.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        max_len = self.config.resolved_max_model_len
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context holds {max_len}, "
+                "and at least one must be left to generate"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
+        longest = min(len(prompt_token_ids) + params.max_tokens, max_len)
+        needed = self.block_manager.blocks_for(longest)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"request needs {needed} KV blocks at its longest ({longest} tokens), but the "
+                f"pool has {self.block_manager.num_blocks}; lower max_tokens or the prompt"
+            )
+        generator = None if params.seed is None else make_generator(params.seed, self.device)
+        return Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            cache_salt=cache_salt,
+            generator=generator,
+        )
+
+    def _detokenizer(self, prompt: list[int]) -> IncrementalDetokenizer | None:
+        return None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str = "",
+        hold_kv: bool = False,
+    ) -> None:
+        """Queue a request. Raises ValueError if it can never be served.
+
+        hold_kv: keep the blocks after the request finishes, for export (prefill side).
+        """
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
+        self._requests[request_id] = _Request(seq, self._detokenizer(seq.token_ids), hold_kv)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks. False if unknown."""
+        req = self._requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.remove(req.seq)
+            req.seq.finish_reason = FinishReason.ABORT
+            return True
+        return self.release(request_id) or self.cancel_reservation(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        return self.block_manager.stats
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        logits, rows = self.runner.run(batch, on_layer_done)
+        self.scheduler.advance(batch)
+        sampled = [batch.seqs[i] for i in rows]
+        result = self.sampler(
+            logits,
+            [
+                SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
+                for s in sampled
+            ],
+        )
+        outputs = []
+        for seq, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            outputs.append(self._append_token(self._requests[seq.request_id], token, lp))
+        return outputs
+
+    def _append_token(
+        self, req: _Request, token: int, logprobs: TokenLogprobs | None
+    ) -> RequestOutput:
+        seq = req.seq
+        seq.token_ids.append(token)
+        params = seq.params
+        new_text = req.detok.push(token) if req.detok is not None else ""
+        reason: FinishReason | None = None
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.config.model.eos_token_ids
+        ):
+            reason = FinishReason.STOP
+        elif params.stop and new_text:
+            new_text, hit = self._apply_stop_strings(req, new_text)
+            if hit:
+                reason = FinishReason.STOP
+        req.text += new_text
+        if reason is None and (
+            seq.num_output_tokens >= params.max_tokens
+            or seq.num_tokens >= self.config.resolved_max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(req, reason)
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=new_text,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            logprobs=[] if logprobs is None else [logprobs],
+        )
+
+    @staticmethod
+    def _apply_stop_strings(req: _Request, new_text: str) -> tuple[str, bool]:
+        """Cut new_text at the first stop string that ends in it."""
+        params = req.seq.params
+        window = max(len(s) for s in params.stop) - 1
+        tail = req.text[-window:] if window else ""
+        joined = tail + new_text
+        best: int | None = None
+        for stop in params.stop:
+            idx = joined.find(stop)
+            if idx != -1:
+                end = idx + len(stop) if params.include_stop_str_in_output else idx
+                best = end if best is None else min(best, end)
+        if best is None:
+            return new_text, False
+        return joined[len(tail) : max(best, len(tail))], True
+
+    def _finish(self, req: _Request, reason: FinishReason) -> None:
+        seq = req.seq
+        seq.finish_reason = reason
+        del self._requests[seq.request_id]
+        if req.hold_kv:
+            if seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            self._held[seq.request_id] = seq
+        else:
+            self.scheduler.remove(seq)
+
+    # ---- prefill side: export ------------------------------------------------------------
+
+    def held_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """(block ids, number of prompt tokens with KV in them) of a held request."""
+        seq = self._held[request_id]
+        return list(seq.block_table), seq.num_prompt_tokens
+
+    def release(self, request_id: str) -> bool:
+        seq = self._held.pop(request_id, None)
+        if seq is None:
+            return False
+        self.block_manager.free(seq)
+        return True
+
+    # ---- decode side: import -------------------------------------------------------------
+
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str = "",
+    ) -> Reservation:
+        """Allocate blocks for a prompt whose KV will arrive from a prefill worker.
+
+        Raises ValueError for a request that can never be served, PoolExhausted when the
+        pool cannot hold it now.
+        """
+        seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
+        if not self.block_manager.admit(seq, seq.num_tokens):
+            raise PoolExhausted(
+                f"{self.block_manager.num_free_blocks} free KV blocks; request needs "
+                f"{self.block_manager.blocks_for(seq.num_tokens)}"
+            )
+        self._reserved[request_id] = _Request(seq, self._detokenizer(seq.token_ids), False)
+        return Reservation(request_id, list(seq.block_table), seq.num_computed_tokens)
+
+    def commit(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """The reserved blocks now hold the prompt's KV; decode from first_token_id on."""
+        req = self._reserved.pop(request_id)
+        seq = req.seq
+        if not 0 <= first_token_id < self.config.model.vocab_size:
+            self.block_manager.free(seq)
+            raise ValueError(f"first_token_id {first_token_id} is outside the vocabulary")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_computed_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        self._requests[request_id] = req
+        return self._append_token(req, first_token_id, None)
+
+    def cancel_reservation(self, request_id: str) -> bool:
+        req = self._reserved.pop(request_id, None)
+        if req is None:
+            return False
+        self.block_manager.free(req.seq)
+        return True
+
+    # ---- convenience ---------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Iterable[list[int]],
+        params: SamplingParams | list[SamplingParams],
+    ) -> list[list[int]]:
+        """Run prompts to completion (offline); returns output token ids per prompt."""
+        prompts = list(prompts)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{i}" for i in range(len(prompts))]
+        outputs: dict[str, list[int]] = {rid: [] for rid in ids}
+        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(rid, prompt, p)
+        while self.has_unfinished():
+            for out in self.step():
+                outputs[out.request_id].extend(out.new_token_ids)
+        return [outputs[rid] for rid in ids]
