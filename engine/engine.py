@@ -87,6 +87,10 @@ class Engine:
         self.device = torch.device(config.device)
         self.dtype = dtype_from_name(config.dtype)
         self.tokenizer = tokenizer
+        # The model's EOS ids plus any the tokenizer's generation config adds (<|eot_id|>).
+        self.eos_token_ids = frozenset(config.model.eos_token_ids) | frozenset(
+            tokenizer.eos_token_ids if tokenizer is not None else ()
+        )
         max_len = config.resolved_max_model_len
         self.model = LlamaForCausalLM(config.model, self.dtype, self.device, max_len=max_len)
         if model_path is None:
@@ -296,7 +300,7 @@ class Engine:
         new_text = req.detok.push(token) if req.detok is not None else ""
         reason: FinishReason | None = None
         if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.config.model.eos_token_ids
+            not params.ignore_eos and token in self.eos_token_ids
         ):
             reason = FinishReason.STOP
         elif params.stop and new_text:
@@ -310,6 +314,10 @@ class Engine:
         ):
             reason = FinishReason.LENGTH
         if reason is not None:
+            if req.detok is not None and reason is FinishReason.LENGTH:
+                tail = req.detok.flush()  # a held-back incomplete character, if any
+                new_text += tail
+                req.text += tail
             self._finish(req, reason)
         return RequestOutput(
             request_id=seq.request_id,

@@ -18,8 +18,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GENERATION_CONFIG_FILE = "generation_config.json"
 REPLACEMENT_CHAR = "\ufffd"
@@ -108,6 +106,10 @@ class HFTokenizer(Tokenizer):
     """
 
     def __init__(self, folder: Path) -> None:
+        # Imported here: transformers takes seconds to import, and ByteTokenizer users
+        # (tests, dummy-weight benchmarks) never need it.
+        from transformers import AutoTokenizer
+
         folder = Path(folder)
         self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         eos_ids: list[int] = []
@@ -116,7 +118,8 @@ class HFTokenizer(Tokenizer):
         generation_config = folder / GENERATION_CONFIG_FILE
         if generation_config.is_file():
             eos = json.loads(generation_config.read_text()).get("eos_token_id")
-            for token_id in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            for token_id in listed:
                 if int(token_id) not in eos_ids:
                     eos_ids.append(int(token_id))
         self._eos_token_ids = tuple(eos_ids)
@@ -184,7 +187,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
         self._tokenizer = tokenizer
         context = DETOKENIZE_PROMPT_CONTEXT + UTF8_MAX_CONTINUATION_BYTES
-        self._ids: list[int] = list(prompt_ids[-context:]) if prompt_ids else []
+        self._ids: list[int] = list(prompt_ids[-context:])
         self._prefix_offset = self._first_window_start()
         self._read_offset = len(self._ids)
         self._text = ""
