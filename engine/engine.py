@@ -32,7 +32,7 @@ from engine.model import LlamaForCausalLM
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import init_dummy_weights, load_checkpoint
@@ -110,6 +110,9 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._held: dict[str, Sequence] = {}
         self._reserved: dict[str, _Request] = {}
+        # The batch of the step in progress (or the last one): on_layer_done hooks read it to
+        # know which tokens of which sequences the finished layer has just written.
+        self.current_batch = ScheduledBatch()
         log.info(
             "engine ready: %s, %s on %s, KV capacity %d tokens",
             config.model.architecture,
@@ -274,6 +277,7 @@ class Engine:
 
     def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self.current_batch = batch
         if batch.is_empty:
             return []
         logits, rows = self.runner.run(batch, on_layer_done)
@@ -282,7 +286,10 @@ class Engine:
         result = self.sampler(
             logits,
             [
+                # Token histories are only read for penalties; skip the copies otherwise.
                 SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
+                if s.params.has_penalties
+                else SamplingRow(s.params, (), (), s.generator)
                 for s in sampled
             ],
         )

@@ -92,9 +92,7 @@ class ModelRunner:
                 logits_indices.append(qsl[-1] - 1)
                 sampling_rows.append(i)
         width = max(len(t) for t in tables)
-        table_tensor = torch.zeros((len(tables), width), dtype=torch.int32)
-        for row, t in enumerate(tables):
-            table_tensor[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
