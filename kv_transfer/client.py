@@ -1,0 +1,163 @@
+"""The prefill side's stub for one decode worker's KV-transfer service.
+
+Every call carries the shared token and a deadline; failures surface as `grpc.RpcError`
+with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from kv_transfer.wire import (
+    DEFAULT_CHUNK_BYTES,
+    TOKEN_METADATA_KEY,
+    KVLayout,
+    sampling_to_pb,
+)
+from protos import kv_transfer_pb2 as pb
+from protos import kv_transfer_pb2_grpc as pb_grpc
+
+MESSAGE_OVERHEAD_BYTES = 64 * 2**10
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    target: str  # host:port of the decode worker's service
+    auth_token: str
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    rpc_timeout_s: float = 10.0  # Reserve, Commit, Abort, Health, OpenPool
+    stream_timeout_s: float = 120.0  # a whole chunk stream
+    tls_root_certs_pem: bytes | None = None  # set: TLS on
+    tls_server_name: str | None = None  # override the name checked against the certificate
+
+    def __post_init__(self) -> None:
+        if self.rpc_timeout_s <= 0 or self.stream_timeout_s <= 0:
+            raise ValueError("rpc_timeout_s and stream_timeout_s must be > 0")
+
+
+@dataclass(frozen=True)
+class RemoteReservation:
+    """What the decode side granted for one request."""
+
+    request_id: str
+    epoch: int
+    block_ids: tuple[int, ...]  # the decode side's block table (GPU path writes here)
+    num_cached_blocks: int  # leading blocks the decode side already holds: not sent
+    lease_s: float
+
+
+class KVTransferClient:
+    def __init__(self, config: ClientConfig, max_send_message_bytes: int | None = None) -> None:
+        """max_send_message_bytes: override the send limit (tests send oversized chunks)."""
+        self.config = config
+        limit = config.max_chunk_bytes + MESSAGE_OVERHEAD_BYTES
+        options = [
+            ("grpc.max_send_message_length", max_send_message_bytes or limit),
+            ("grpc.max_receive_message_length", limit),
+        ]
+        if config.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+        if config.tls_root_certs_pem is None:
+            self._channel = grpc.insecure_channel(config.target, options=options)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=config.tls_root_certs_pem)
+            self._channel = grpc.secure_channel(config.target, creds, options=options)
+        self._stub = pb_grpc.KVTransferStub(self._channel)
+        self._metadata = ((TOKEN_METADATA_KEY, config.auth_token),)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KVTransferClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        layout: KVLayout,
+        cache_salt: str = "",
+        lease_s: float = 0.0,
+        transport: int = pb.TRANSPORT_GRPC,
+    ) -> RemoteReservation:
+        """Raises grpc.RpcError RESOURCE_EXHAUSTED when the decode side has no room now."""
+        bs = layout.block_size
+        resp = self._stub.Reserve(
+            pb.ReserveRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling=sampling_to_pb(params),
+                cache_salt=cache_salt,
+                layout=layout.to_pb(),
+                num_blocks=(len(prompt_token_ids) + bs - 1) // bs,
+                lease_ms=int(lease_s * 1000),
+                transport=transport,
+            ),
+            timeout=self.config.rpc_timeout_s,
+            metadata=self._metadata,
+        )
+        return RemoteReservation(
+            request_id,
+            resp.epoch,
+            tuple(resp.block_ids),
+            resp.num_cached_blocks,
+            resp.lease_ms / 1000,
+        )
+
+    def stream_future(self, chunks: Iterator[pb.KVChunk]) -> grpc.Future:
+        """Start a chunk stream that consumes `chunks` on gRPC's thread; result: StreamSummary."""
+        return self._stub.StreamChunks.future(
+            chunks, timeout=self.config.stream_timeout_s, metadata=self._metadata
+        )
+
+    def stream(self, chunks: Iterator[pb.KVChunk]) -> pb.StreamSummary:
+        return self.stream_future(chunks).result()
+
+    def commit(
+        self,
+        reservation: RemoteReservation,
+        first_token_id: int,
+        copied_layers: list[int] | None = None,
+        layer_digests: list[int] | None = None,
+    ) -> pb.CommitResponse:
+        return self._stub.Commit(
+            pb.CommitRequest(
+                request_id=reservation.request_id,
+                epoch=reservation.epoch,
+                first_token_id=first_token_id,
+                copied_layers=copied_layers or [],
+                layer_digests=layer_digests or [],
+            ),
+            timeout=self.config.rpc_timeout_s,
+            metadata=self._metadata,
+        )
+
+    def abort(self, reservation: RemoteReservation, reason: str) -> bool:
+        resp = self._stub.Abort(
+            pb.AbortRequest(
+                request_id=reservation.request_id, epoch=reservation.epoch, reason=reason
+            ),
+            timeout=self.config.rpc_timeout_s,
+            metadata=self._metadata,
+        )
+        return resp.released
+
+    def health(self) -> pb.HealthResponse:
+        return self._stub.Health(
+            pb.HealthRequest(), timeout=self.config.rpc_timeout_s, metadata=self._metadata
+        )
+
+    def open_pool(self, host_id: str, layout: KVLayout) -> pb.PoolHandle:
+        return self._stub.OpenPool(
+            pb.OpenPoolRequest(host_id=host_id, layout=layout.to_pb()),
+            timeout=self.config.rpc_timeout_s,
+            metadata=self._metadata,
+        )

@@ -1,0 +1,380 @@
+"""The decode side's gRPC service: reservations, chunk streams, commit, abort, health.
+
+A transfer, as the servicer sees it:
+
+  Reserve       check layout and sizes, reserve blocks in the sink (all or nothing, else
+                RESOURCE_EXHAUSTED), open a lease with a deadline, answer epoch + blocks
+  StreamChunks  one stream per reservation; each chunk is checked (reservation and epoch,
+                layout, block range, size, checksum) and written straight into the reserved
+                blocks. Any bad chunk ends the lease (blocks freed) and the stream with a
+                status; a stream that breaks off (peer gone, cancelled) ends it too.
+  Commit        every (layer, block) must have arrived (or, on the GPU path, the digests of
+                what landed must match the sender's); then the sink's engine owns the blocks
+  Abort         frees the blocks; idempotent
+
+The lease sweeper frees reservations whose deadline passes first. Every RPC needs the
+shared token in metadata (`AuthInterceptor`); TLS is on when `ServerConfig.tls` is set.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from kv_transfer import cuda_ipc
+from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
+from kv_transfer.metrics import TransferCounters
+from kv_transfer.sink import KVSink, ReserveSpec, SinkFull
+from kv_transfer.wire import (
+    DEFAULT_CHUNK_BYTES,
+    TOKEN_METADATA_KEY,
+    ChunkError,
+    ChunkErrorKind,
+    KVLayout,
+    decode_chunk,
+    sampling_from_pb,
+)
+from protos import kv_transfer_pb2 as pb
+from protos import kv_transfer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MESSAGE_OVERHEAD_BYTES = 64 * 2**10  # headers of a chunk beyond its data
+
+_CHUNK_ERROR_CODES = {
+    ChunkErrorKind.BAD_LAYOUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ChunkErrorKind.BAD_RANGE: grpc.StatusCode.INVALID_ARGUMENT,
+    ChunkErrorKind.BAD_SIZE: grpc.StatusCode.INVALID_ARGUMENT,
+    ChunkErrorKind.BAD_CHECKSUM: grpc.StatusCode.DATA_LOSS,
+    ChunkErrorKind.UNKNOWN_RESERVATION: grpc.StatusCode.NOT_FOUND,
+}
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_chain_pem: bytes
+    private_key_pem: bytes
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    auth_token: str
+    bind: str = "127.0.0.1:0"  # port 0: the OS picks; the bound port is reported
+    default_lease_s: float = 10.0
+    max_lease_s: float = 120.0
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_workers: int = 64  # each open chunk stream holds one
+    tls: TlsConfig | None = None
+    host_id: str = field(default_factory=cuda_ipc.host_id)
+
+    def __post_init__(self) -> None:
+        if not self.auth_token:
+            raise ValueError("auth_token must be set: KV-transfer peers authenticate with it")
+        if not 0 < self.default_lease_s <= self.max_lease_s:
+            raise ValueError(
+                f"need 0 < default_lease_s ({self.default_lease_s}) <= max_lease_s "
+                f"({self.max_lease_s})"
+            )
+        if self.max_chunk_bytes <= 0:
+            raise ValueError(f"max_chunk_bytes must be > 0, got {self.max_chunk_bytes}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_chunk_bytes + MESSAGE_OVERHEAD_BYTES
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuses every call whose metadata lacks the shared token (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
+        presented = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY:
+                presented = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        handler = continuation(handler_call_details)
+        if handler is None or hmac.compare_digest(presented.encode(), self._token):
+            return handler
+
+        def deny(request: object, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong KV-transfer token")
+
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.request_streaming:  # never reads the stream: no chunk is accepted
+            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+
+
+class KVTransferServicer(pb_grpc.KVTransferServicer):
+    def __init__(self, sink: KVSink, config: ServerConfig) -> None:
+        self.sink = sink
+        self.config = config
+        self.counters = TransferCounters()
+        self.leases = LeaseTable(on_expire=self._on_expire)
+        self._epochs = itertools.count(1)
+        self._epoch_lock = threading.Lock()
+
+    # ---- lease endings -------------------------------------------------------------------
+
+    def _on_expire(self, lease: Lease) -> None:
+        log.warning("KV reservation %s expired; freeing its blocks", lease.request_id)
+        self.counters.add("leases_expired")
+        self.sink.cancel(lease.request_id)
+
+    def fail_lease(self, lease: Lease, reason: str) -> bool:
+        """End an active lease as ABORTED and free its blocks. Caller holds lease.lock."""
+        if not self.leases.end(lease, LeaseState.ABORTED):
+            return False
+        log.info("KV transfer %s aborted: %s", lease.request_id, reason)
+        self.counters.add("transfers_failed")
+        self.sink.cancel(lease.request_id)
+        return True
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext):  # noqa: N802
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not request.request_id:
+            context.abort(invalid, "request_id is empty")
+        if not request.HasField("layout"):
+            context.abort(invalid, "layout is missing")
+        try:
+            layout = KVLayout.from_pb(request.layout)
+            params = sampling_from_pb(request.sampling)
+        except (ValueError, ChunkError) as e:
+            context.abort(invalid, str(e))
+        if layout != self.sink.layout:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV layout differs: sender {layout}, receiver {self.sink.layout}",
+            )
+        bs = layout.block_size
+        num_prompt_blocks = (len(request.prompt_token_ids) + bs - 1) // bs
+        if request.num_blocks != num_prompt_blocks:
+            context.abort(
+                invalid,
+                f"num_blocks {request.num_blocks} does not match a prompt of "
+                f"{len(request.prompt_token_ids)} tokens ({num_prompt_blocks} blocks of {bs})",
+            )
+        lease_s = request.lease_ms / 1000 if request.lease_ms else self.config.default_lease_s
+        lease_s = min(lease_s, self.config.max_lease_s)
+        spec = ReserveSpec(
+            request.request_id, tuple(request.prompt_token_ids), params, request.cache_salt
+        )
+        try:
+            r = self.sink.reserve(spec)
+        except SinkFull as e:
+            self.counters.add("reservations_refused")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            context.abort(invalid, str(e))
+        with self._epoch_lock:
+            epoch = next(self._epochs)
+        lease = Lease(
+            request_id=request.request_id,
+            epoch=epoch,
+            block_ids=r.block_ids,
+            num_cached_blocks=r.num_cached_blocks,
+            num_layers=layout.num_layers,
+            deadline_s=time.monotonic() + lease_s,
+        )
+        self.leases.add(lease)
+        return pb.ReserveResponse(
+            epoch=epoch,
+            num_cached_blocks=r.num_cached_blocks,
+            block_ids=list(r.block_ids),
+            lease_ms=int(lease_s * 1000),
+        )
+
+    def StreamChunks(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802
+        stream = _StreamState()
+
+        def on_rpc_done() -> None:
+            lease = stream.lease
+            if lease is not None and not stream.ended_ok:
+                with lease.lock:
+                    self.fail_lease(lease, "chunk stream broke off")
+
+        context.add_callback(on_rpc_done)
+        layout = self.sink.layout
+        for chunk in request_iterator:
+            lease = stream.lease
+            if lease is None:
+                try:
+                    lease = stream.lease = self.leases.get(chunk.request_id, chunk.epoch)
+                except LeaseNotFound as e:
+                    self.counters.add("chunks_rejected")
+                    context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+            elif (chunk.request_id, chunk.epoch) != (lease.request_id, lease.epoch):
+                with lease.lock:
+                    self.fail_lease(lease, "stream mixed two reservations")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "one chunk stream carries one reservation"
+                )
+            with lease.lock:
+                if lease.state is not LeaseState.ACTIVE:
+                    self.counters.add("chunks_rejected")
+                    context.abort(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"reservation {lease.request_id!r} is {lease.state.value}",
+                    )
+                try:
+                    got = decode_chunk(chunk, layout, len(lease.block_ids), lease.num_cached_blocks)
+                except ChunkError as e:
+                    self.counters.add("chunks_rejected")
+                    self.fail_lease(lease, str(e))
+                    context.abort(_CHUNK_ERROR_CODES[e.kind], str(e))
+                ids = lease.block_ids[got.first_block : got.first_block + got.num_blocks]
+                self.sink.write_blocks(got.layer_idx, ids, got.kv)
+                lease.mark_received(got.layer_idx, got.first_block, got.num_blocks)
+                lease.num_bytes_received += len(chunk.data)
+            stream.num_chunks += 1
+            stream.num_bytes += len(chunk.data)
+        stream.ended_ok = True
+        self.counters.add("bytes_received", stream.num_bytes)
+        return pb.StreamSummary(num_chunks=stream.num_chunks, num_bytes=stream.num_bytes)
+
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext):  # noqa: N802
+        try:
+            lease = self.leases.get(request.request_id, request.epoch)
+        except LeaseNotFound as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+        with lease.lock:
+            if lease.state is not LeaseState.ACTIVE:
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"reservation {lease.request_id!r} is {lease.state.value}",
+                )
+            if request.copied_layers:  # same-host GPU path: nothing was streamed
+                problem = self._check_gpu_copy(lease, request)
+                if problem:
+                    self.fail_lease(lease, problem)
+                    context.abort(grpc.StatusCode.DATA_LOSS, problem)
+                lease.mark_all_received()
+                lease.num_bytes_received = lease.num_blocks_to_send * (
+                    lease.num_layers * self.sink.layout.layer_block_bytes
+                )
+            if not lease.is_complete:
+                problem = f"commit of {lease.request_id!r} before every block arrived"
+                self.fail_lease(lease, problem)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+            self.leases.end(lease, LeaseState.COMMITTED)
+            try:
+                self.sink.commit(lease.request_id, int(request.first_token_id))
+            except ValueError as e:  # the engine freed the blocks already
+                lease.state = LeaseState.ABORTED
+                self.counters.add("transfers_failed")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.counters.add("transfers_committed")
+        return pb.CommitResponse(num_bytes_received=lease.num_bytes_received)
+
+    def _check_gpu_copy(self, lease: Lease, request: pb.CommitRequest) -> str:
+        """'' if the GPU copy is whole and its per-layer digests match what landed."""
+        layers = sorted(request.copied_layers)
+        if layers != list(range(lease.num_layers)):
+            return f"GPU copy covered layers {layers}, expected all {lease.num_layers}"
+        if len(request.layer_digests) != lease.num_layers:
+            return f"{len(request.layer_digests)} layer digests, expected {lease.num_layers}"
+        ids = lease.block_ids[lease.num_cached_blocks :]
+        landed = cuda_ipc.layer_digests(self.sink.pool_tensor(), ids)
+        bad = [
+            i for i, (a, b) in enumerate(zip(landed, request.layer_digests, strict=True)) if a != b
+        ]
+        return f"GPU copy digest mismatch on layers {bad}" if bad else ""
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext):  # noqa: N802
+        try:
+            lease = self.leases.get(request.request_id, request.epoch)
+        except LeaseNotFound:
+            return pb.AbortResponse(released=False)
+        with lease.lock:
+            released = self.fail_lease(
+                lease, f"peer aborted: {request.reason or 'no reason given'}"
+            )
+        return pb.AbortResponse(released=released)
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext):  # noqa: N802
+        return pb.HealthResponse(
+            serving=True,
+            num_free_blocks=self.sink.num_free_blocks,
+            num_active_reservations=len(self.leases),
+            layout=self.sink.layout.to_pb(),
+        )
+
+    def OpenPool(self, request: pb.OpenPoolRequest, context: grpc.ServicerContext):  # noqa: N802
+        precondition = grpc.StatusCode.FAILED_PRECONDITION
+        if request.host_id != self.config.host_id:
+            context.abort(precondition, "peer is on another host: use the grpc transport")
+        try:
+            layout = KVLayout.from_pb(request.layout)
+        except ChunkError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if layout != self.sink.layout:
+            context.abort(precondition, f"KV layout differs: {layout} vs {self.sink.layout}")
+        pool = self.sink.pool_tensor()
+        if pool.device.type != "cuda":
+            context.abort(precondition, "the receiver's KV pool is not on a GPU")
+        return cuda_ipc.export_pool(pool)
+
+
+@dataclass
+class _StreamState:
+    lease: Lease | None = None
+    ended_ok: bool = False
+    num_chunks: int = 0
+    num_bytes: int = 0
+
+
+@dataclass
+class KVTransferServer:
+    server: grpc.Server
+    port: int
+    servicer: KVTransferServicer
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self.server.stop(grace_s).wait(grace_s + 1.0)
+        self.servicer.leases.stop_sweeper()
+        # Anything still reserved will never complete: free it.
+        for lease in self.servicer.leases.active():
+            with lease.lock:
+                self.servicer.fail_lease(lease, "server stopping")
+
+
+def start_server(sink: KVSink, config: ServerConfig) -> KVTransferServer:
+    """Start serving; returns the server and the port actually bound."""
+    servicer = KVTransferServicer(sink, config)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="kv-rpc"),
+        interceptors=[AuthInterceptor(config.auth_token)],
+        options=options,
+    )
+    pb_grpc.add_KVTransferServicer_to_server(servicer, server)
+    if config.tls is None:
+        port = server.add_insecure_port(config.bind)
+    else:
+        creds = grpc.ssl_server_credentials(
+            [(config.tls.private_key_pem, config.tls.cert_chain_pem)]
+        )
+        port = server.add_secure_port(config.bind, creds)
+    if port == 0:
+        raise ValueError(f"could not bind the KV-transfer server to {config.bind}")
+    server.start()
+    servicer.leases.start_sweeper()
+    log.info("KV-transfer server on port %d (tls=%s)", port, config.tls is not None)
+    return KVTransferServer(server, port, servicer)

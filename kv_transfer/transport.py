@@ -1,0 +1,208 @@
+"""How the bytes of one reservation travel from the prefill pool to the decode pool.
+
+Control always goes through gRPC (Reserve, Commit, Abort: see client.py); a transport
+only moves the bytes. Two exist, picked per (prefill, decode) pair by `make_transport`:
+
+    grpc       chunks in a client stream (any pair; the only one on CPU)
+    cuda_ipc   peer copies into the decode pool opened through CUDA IPC (both pools on GPUs
+               of one host; see cuda_ipc.py)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from engine.kv_pool import KVPool
+from kv_transfer.client import KVTransferClient, RemoteReservation
+from kv_transfer.wire import encode_layer
+from protos import kv_transfer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class TransferError(Exception):
+    """The bytes of a transfer did not all land; the reservation must be aborted."""
+
+
+class TransportKind(enum.Enum):
+    AUTO = "auto"  # cuda_ipc when both pools are GPUs of one host, else grpc
+    GRPC = "grpc"
+    CUDA_IPC = "cuda_ipc"
+
+
+@dataclass(frozen=True)
+class SentBytes:
+    num_bytes: int
+    num_chunks: int  # gRPC messages, or peer-copy calls on the GPU path
+    first_send_s: float  # time.perf_counter() of the first byte handed over
+    layer_digests: tuple[int, ...] = ()  # GPU path: per layer, what Commit must check
+
+
+class TransferSession(ABC):
+    """The bytes of one reservation.
+
+    Contract: `send_layer` is called from the thread that computes the KV, once the
+    layer's blocks are final in the local pool; it returns quickly (the bytes move in the
+    background) and every (layer, block) is sent exactly once over the session. `finish`
+    blocks until everything landed, or raises TransferError (after its deadline too);
+    `abort` stops the session and may be called at any time. The local blocks must stay
+    allocated until finish or abort returns.
+    """
+
+    @abstractmethod
+    def send_layer(self, layer_idx: int, first_block: int, local_block_ids: Sequence[int]) -> None:
+        """Send blocks local_block_ids of one layer, which sit at first_block onwards in the
+        request's block table."""
+
+    def send_all_layers(self, first_block: int, local_block_ids: Sequence[int]) -> None:
+        """Send the blocks in every layer at once (the KV is already complete)."""
+        for layer_idx in range(self.num_layers):
+            self.send_layer(layer_idx, first_block, local_block_ids)
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int: ...
+
+    @abstractmethod
+    def finish(self, timeout_s: float) -> SentBytes: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class KVTransport(ABC):
+    """Opens sessions towards one decode worker."""
+
+    kind: TransportKind
+    rpc_transport: int  # the proto enum value sent in Reserve
+
+    @abstractmethod
+    def open(self, reservation: RemoteReservation) -> TransferSession: ...
+
+
+# ---- grpc: chunks in a client stream ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LayerRange:
+    layer_idx: int
+    first_block: int
+    local_block_ids: tuple[int, ...]
+
+
+class _End(enum.Enum):
+    FINISH = "finish"
+    ABORT = "abort"
+
+
+class GrpcTransport(KVTransport):
+    kind = TransportKind.GRPC
+    rpc_transport = pb.TRANSPORT_GRPC
+
+    def __init__(self, client: KVTransferClient, pool: KVPool) -> None:
+        self.client = client
+        self.pool = pool
+
+    def open(self, reservation: RemoteReservation) -> TransferSession:
+        return _GrpcSession(self.client, self.pool, reservation)
+
+
+class _GrpcSession(TransferSession):
+    """send_layer queues a block range; gRPC's request thread reads the blocks from the
+    pool, encodes and checksums them while the caller computes the next layer."""
+
+    def __init__(
+        self, client: KVTransferClient, pool: KVPool, reservation: RemoteReservation
+    ) -> None:
+        self._client = client
+        self._pool = pool
+        self._reservation = reservation
+        self._queue: queue.Queue[_LayerRange | _End] = queue.Queue()
+        self._num_bytes = 0
+        self._num_chunks = 0
+        self._first_send_s = 0.0
+        self._future = client.stream_future(self._chunks())
+
+    def _chunks(self) -> Iterator[pb.KVChunk]:
+        r = self._reservation
+        deadline_s = time.monotonic() + self._client.config.stream_timeout_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(deadline_s - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise TransferError("no layer to send before the stream deadline") from None
+            if item is _End.FINISH:
+                return
+            if item is _End.ABORT:
+                raise TransferError("transfer aborted by the sender")
+            for chunk in encode_layer(
+                self._pool,
+                r.request_id,
+                r.epoch,
+                item.layer_idx,
+                item.local_block_ids,
+                item.first_block,
+                self._client.config.max_chunk_bytes,
+            ):
+                if not self._num_chunks:
+                    self._first_send_s = time.perf_counter()
+                self._num_chunks += 1
+                self._num_bytes += len(chunk.data)
+                yield chunk
+
+    @property
+    def num_layers(self) -> int:
+        return self._pool.num_layers
+
+    def send_layer(self, layer_idx: int, first_block: int, local_block_ids: Sequence[int]) -> None:
+        self._queue.put(_LayerRange(layer_idx, first_block, tuple(local_block_ids)))
+
+    def finish(self, timeout_s: float) -> SentBytes:
+        self._queue.put(_End.FINISH)
+        try:
+            summary = self._future.result(timeout=timeout_s)
+        except grpc.FutureCancelledError:
+            raise TransferError("chunk stream cancelled (transfer aborted)") from None
+        except grpc.FutureTimeoutError:
+            self._future.cancel()
+            raise TransferError(f"chunk stream not done after {timeout_s:.1f} s") from None
+        except grpc.RpcError as e:
+            raise TransferError(f"chunk stream failed: {e.code().name}: {e.details()}") from e
+        assert summary.num_bytes == self._num_bytes, "receiver counted other bytes than sent"
+        return SentBytes(self._num_bytes, self._num_chunks, self._first_send_s)
+
+    def abort(self) -> None:
+        self._queue.put(_End.ABORT)
+        self._future.cancel()  # the receiver frees the blocks when the stream breaks off
+        try:  # and in case no chunk reached it yet
+            self._client.abort(self._reservation, "sender aborted")
+        except grpc.RpcError as e:
+            log.warning("abort of %s not delivered (%s); its lease will expire",
+                        self._reservation.request_id, e.code().name)  # fmt: skip
+
+
+def make_transport(kind: TransportKind, client: KVTransferClient, pool: KVPool) -> KVTransport:
+    """The transport for one (prefill pool, decode service) pair.
+
+    AUTO tries the same-host GPU path when the local pool is on a GPU and falls back to grpc
+    when the decode side refuses it (another host, a CPU pool, a different layout).
+    """
+    if kind is TransportKind.GRPC or (kind is TransportKind.AUTO and pool.device.type != "cuda"):
+        return GrpcTransport(client, pool)
+    from kv_transfer.cuda_ipc import CudaIpcTransport, GpuPathUnavailable
+
+    try:
+        return CudaIpcTransport.connect(client, pool)
+    except GpuPathUnavailable as e:
+        if kind is TransportKind.CUDA_IPC:
+            raise
+        log.info("same-host GPU path unavailable (%s); using grpc", e)
+        return GrpcTransport(client, pool)
