@@ -56,7 +56,9 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
 
-    def write_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
         # k, v: [T, Hkv, D] -> slots of the pool. Graph-capturable (no host sync).
         k_cache, v_cache = self.pool.layer(layer_idx)
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)

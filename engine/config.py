@@ -146,6 +146,9 @@ class ModelConfig:
         eos_ids: tuple[int, ...] = (
             () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
         )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported; Baton's MLP is SiLU-gated")
         is_qwen2 = arch == "Qwen2ForCausalLM"
         sliding_window = hf.get("sliding_window")
         if is_qwen2 and not hf.get("use_sliding_window", False):

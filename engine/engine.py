@@ -18,6 +18,7 @@ first-class operations on its blocks:
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ class Engine:
         num_blocks = self._num_kv_blocks()
         # One extra block beyond the manager's range: scratch space for graph padding rows.
         self.pool = KVPool(config.model, num_blocks + 1, config.block_size, self.dtype, self.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config, self.block_manager)
         backend = make_backend(self.pool, config.model.num_attention_heads, config.model.head_dim)
         self.runner = ModelRunner(config, self.model, self.pool, backend, scratch_block=num_blocks)
@@ -435,7 +438,8 @@ class Engine:
         """Run prompts to completion (offline); returns output token ids per prompt."""
         prompts = list(prompts)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"generate-{i}" for i in range(len(prompts))]
+        batch_id = uuid.uuid4().hex[:8]
+        ids = [f"generate-{batch_id}-{i}" for i in range(len(prompts))]
         outputs: dict[str, list[int]] = {rid: [] for rid in ids}
         for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
             self.add_request(rid, prompt, p)

@@ -98,8 +98,12 @@ class Attention(nn.Module):
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias, **kw
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias, **kw)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+        self.q_norm = (
+            RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+        )
+        self.k_norm = (
+            RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
+        )
 
     def forward(
         self,
@@ -190,7 +194,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+            else nn.Linear(
+                config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device
+            )
         )
 
     @torch.inference_mode()

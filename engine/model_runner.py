@@ -109,7 +109,9 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
             positions=torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True),
             meta=meta,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(dev, non_blocking=True),
+            logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(
+                dev, non_blocking=True
+            ),
             sampling_rows=sampling_rows,
         )
 
