@@ -205,7 +205,7 @@ def build_hf_model(hf_dict: dict[str, Any]) -> Any:
 
     config = transformers.LlamaConfig(**{k: v for k, v in hf_dict.items() if k != "architectures"})
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
 

@@ -61,7 +61,7 @@ def models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     hf_config = HF_CONFIGS[request.param]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.bfloat16)
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
     hf.eval()
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
