@@ -27,13 +27,34 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
+        self.fused = _fused_ops(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and x.dim() == 2:
+            return self.fused.rms_norm(x, self.weight, self.eps)
         # Same arithmetic as transformers' LlamaRMSNorm: normalise in fp32, scale in x's dtype.
         input_dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(input_dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + x, normalised; returns (normalised, new residual). One kernel on CUDA."""
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps, residual=residual), residual
+        residual = residual + x
+        return self.forward(residual), residual
+
+
+def _fused_ops(device: torch.device):  # -> the engine.triton_ops module, or None
+    """Fused Triton kernels on CUDA; the plain-torch reference everywhere else."""
+    if device.type != "cuda":
+        return None
+    from engine import triton_ops
+
+    return triton_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -72,6 +93,10 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, Hq, D], k: [T, Hkv, D], positions: [T]
+        fused = _fused_ops(q.device)
+        if fused is not None:
+            fused.rotary_(q, k, positions, self.cos, self.sin)  # in place, one kernel each
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -135,7 +160,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
+        fused = _fused_ops(x.device)
+        if fused is not None:
+            return self.down_proj(fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -154,13 +183,25 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rotary: RotaryEmbedding,
         backend: AttentionBackend,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (mlp output, residual stream before it); the caller adds them.
+
+        Keeping the residual stream separate lets each RMSNorm fuse the preceding add, in
+        the same order as transformers: residual = residual + x, then normalise.
+        """
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        a = self.self_attn(h, positions, rotary, backend, meta)
+        h, residual = self.post_attention_layernorm.add_forward(a, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -214,11 +255,13 @@ class LlamaForCausalLM(nn.Module):
         worker can start sending layer i while layers i+1.. still compute.
         """
         x = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            x = layer(x, positions, self.model.rotary, backend, meta)
+            x, residual = layer(x, residual, positions, self.model.rotary, backend, meta)
             if on_layer_done is not None:
                 on_layer_done(layer.self_attn.layer_idx)
-        return self.model.norm(x)
+        assert residual is not None
+        return self.model.norm.add_forward(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

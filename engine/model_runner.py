@@ -117,6 +117,7 @@ class ModelRunner:
 
     # ---- execution -----------------------------------------------------------------------
 
+    @torch.inference_mode()
     def run(
         self, batch: ScheduledBatch, on_layer_done: Callable[[int], None] | None = None
     ) -> tuple[torch.Tensor, list[int]]:

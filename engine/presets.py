@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bos_token_id": 256,
         "eos_token_id": 257,
     },
-    # Llama-3-8B's shape (random weights in benchmarks: no checkpoint can be downloaded).
+    # Llama-3-8B's shape (Llama 3.0: no rope scaling; random weights in benchmarks: no checkpoint can be downloaded).
     "llama3-8b": {
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": 128256,
@@ -37,13 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
         "tie_word_embeddings": False,
         "bos_token_id": 128000,
         "eos_token_id": [128001, 128009],

@@ -3,7 +3,7 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-timeout 240 python -m pytest -q -p no:cacheprovider -x tests/gpu/test_engine_gpu.py 2>&1 \
+timeout 240 python -m pytest -q -p no:cacheprovider tests/gpu/test_triton_ops.py tests/gpu/test_engine_gpu.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -25
 timeout 330 python loadtest/engine_bench.py --out "$OUT/engine_bench.json" --log "$OUT/engine_bench.log" 2>&1 \
   | grep -v "^$" | tail -30

@@ -1,0 +1,99 @@
+"""Fused elementwise kernels (engine/triton_ops.py) against the plain-torch reference path.
+
+Runs on CUDA; with BATON_TRITON_INTERPRET=1 it runs on CPU under Triton's interpreter.
+Outputs are poisoned before each launch, inputs are fresh random draws.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("BATON_TRITON_INTERPRET") == "1"
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not INTERPRET and not torch.cuda.is_available(),
+        reason="needs CUDA (or BATON_TRITON_INTERPRET=1 for the CPU interpreter)",
+    ),
+]
+
+import engine.triton_attention  # noqa: E402,F401  (patches the interpreter when interpreting)
+from engine import triton_ops  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def ref_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 64), (7, 96), (33, 4096)])
+def test_rms_norm_with_and_without_residual(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(shape[0])
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    r = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.1 * torch.randn(shape[1], generator=g)).to(DEVICE, dtype)
+    out = triton_ops.rms_norm(x, w, 1e-6)
+    assert rel_err(out, ref_rms_norm(x, w, 1e-6)) < TOL[dtype]
+    expected_sum = r + x
+    residual = r.clone()
+    out = triton_ops.rms_norm(x, w, 1e-6, residual=residual)
+    if INTERPRET:  # the CPU interpreter truncates fp32 -> bf16 instead of rounding
+        assert rel_err(residual, expected_sum) < TOL[dtype]
+    else:
+        assert torch.equal(residual, expected_sum)  # rounded exactly like torch's add
+    assert rel_err(out, ref_rms_norm(expected_sum, w, 1e-6)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_fused_qkv_views(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    t, hq, hkv, d, max_len = 9, 4, 2, 32, 64
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
+    q = qkv[:, : hq * d].reshape(t, hq, d)  # strided views, as in the model
+    k = qkv[:, hq * d : (hq + hkv) * d].reshape(t, hkv, d)
+    positions = torch.randint(0, max_len, (t,), generator=g).to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.arange(max_len).float()[:, None] * inv_freq[None]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        c, s = cos[positions][:, None].double(), sin[positions][:, None].double()
+        xd = x.double()
+        rot = torch.cat((-xd[..., d // 2 :], xd[..., : d // 2]), -1)
+        return xd * c + rot * s
+
+    q_ref, k_ref = ref(q), ref(k)
+    v_before = qkv[:, (hq + hkv) * d :].clone()
+    triton_ops.rotary_(q, k, positions, cos, sin)
+    assert rel_err(q, q_ref) < TOL[dtype]
+    assert rel_err(k, k_ref) < TOL[dtype]
+    assert torch.equal(qkv[:, (hq + hkv) * d :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 128), (5, 3000)])
+def test_silu_and_mul(dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(shape[1])
+    t, n = shape
+    x = torch.randn(t, 2 * n, generator=g).to(DEVICE, dtype)
+    ref = torch.nn.functional.silu(x[:, :n].double()) * x[:, n:].double()
+    assert rel_err(triton_ops.silu_and_mul(x), ref) < TOL[dtype]
