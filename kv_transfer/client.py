@@ -67,6 +67,14 @@ class KVTransferClient:
             creds = grpc.ssl_channel_credentials(root_certificates=config.tls_root_certs_pem)
             self._channel = grpc.secure_channel(config.target, creds, options=options)
         self._stub = pb_grpc.KVTransferStub(self._channel)
+        # StreamChunks takes messages already serialized (wire.encode_layer builds each in
+        # one copy from the pool); the stub's serializer would copy the payload again.
+        self._stream_chunks = self._channel.stream_unary(
+            "/baton.v1.KVTransfer/StreamChunks",
+            request_serializer=None,
+            response_deserializer=pb.StreamSummary.FromString,
+            _registered_method=True,
+        )
         self._metadata = ((TOKEN_METADATA_KEY, config.auth_token),)
 
     def close(self) -> None:
@@ -112,14 +120,18 @@ class KVTransferClient:
             resp.lease_ms / 1000,
         )
 
-    def stream_future(self, chunks: Iterator[pb.KVChunk]) -> grpc.Future:
-        """Start a chunk stream that consumes `chunks` on gRPC's thread; result: StreamSummary."""
-        return self._stub.StreamChunks.future(
-            chunks, timeout=self.config.stream_timeout_s, metadata=self._metadata
+    def stream_future(self, messages: Iterator[bytes]) -> grpc.Future:
+        """Start a chunk stream of serialized KVChunk messages; result: StreamSummary.
+
+        gRPC's request thread pulls the next message only once the previous one is handed to
+        the transport, so whatever builds the messages should run ahead on its own thread.
+        """
+        return self._stream_chunks.future(
+            messages, timeout=self.config.stream_timeout_s, metadata=self._metadata
         )
 
-    def stream(self, chunks: Iterator[pb.KVChunk]) -> pb.StreamSummary:
-        return self.stream_future(chunks).result()
+    def stream(self, messages: Iterator[bytes]) -> pb.StreamSummary:
+        return self.stream_future(messages).result()
 
     def commit(
         self,

@@ -40,6 +40,7 @@ from kv_transfer.wire import (
     KVLayout,
     decode_chunk,
     sampling_from_pb,
+    split_chunk,
 )
 from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
@@ -53,6 +54,7 @@ _CHUNK_ERROR_CODES = {
     ChunkErrorKind.BAD_RANGE: grpc.StatusCode.INVALID_ARGUMENT,
     ChunkErrorKind.BAD_SIZE: grpc.StatusCode.INVALID_ARGUMENT,
     ChunkErrorKind.BAD_CHECKSUM: grpc.StatusCode.DATA_LOSS,
+    ChunkErrorKind.BAD_MESSAGE: grpc.StatusCode.INVALID_ARGUMENT,
     ChunkErrorKind.UNKNOWN_RESERVATION: grpc.StatusCode.NOT_FOUND,
 }
 
@@ -209,7 +211,16 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
         context.add_callback(on_rpc_done)
         layout = self.sink.layout
-        for chunk in request_iterator:
+        for message in request_iterator:  # serialized KVChunks (no deserializer: see below)
+            try:
+                received = split_chunk(message)
+            except ChunkError as e:
+                self.counters.add("chunks_rejected")
+                if stream.lease is not None:
+                    with stream.lease.lock:
+                        self.fail_lease(stream.lease, str(e))
+                context.abort(_CHUNK_ERROR_CODES[e.kind], str(e))
+            chunk = received.header
             lease = stream.lease
             if lease is None:
                 try:
@@ -231,7 +242,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                         f"reservation {lease.request_id!r} is {lease.state.value}",
                     )
                 try:
-                    got = decode_chunk(chunk, layout, len(lease.block_ids), lease.num_cached_blocks)
+                    got = decode_chunk(
+                        received, layout, len(lease.block_ids), lease.num_cached_blocks
+                    )
                 except ChunkError as e:
                     self.counters.add("chunks_rejected")
                     self.fail_lease(lease, str(e))
@@ -239,9 +252,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                 ids = lease.block_ids[got.first_block : got.first_block + got.num_blocks]
                 self.sink.write_blocks(got.layer_idx, ids, got.kv)
                 lease.mark_received(got.layer_idx, got.first_block, got.num_blocks)
-                lease.num_bytes_received += len(chunk.data)
+                lease.num_bytes_received += len(received.data)
             stream.num_chunks += 1
-            stream.num_bytes += len(chunk.data)
+            stream.num_bytes += len(received.data)
         stream.ended_ok = True
         self.counters.add("bytes_received", stream.num_bytes)
         return pb.StreamSummary(num_chunks=stream.num_chunks, num_bytes=stream.num_bytes)
@@ -352,6 +365,49 @@ class KVTransferServer:
                 self.servicer.fail_lease(lease, "server stopping")
 
 
+def _add_servicer(servicer: KVTransferServicer, server: grpc.Server) -> None:
+    """`add_KVTransferServicer_to_server`, except that StreamChunks gets each message as
+    the bytes gRPC received: protobuf would copy every 4 MiB payload into a new bytes
+    object, on the server's polling thread; `split_chunk` views it in place instead."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "Reserve": unary(
+            servicer.Reserve,
+            request_deserializer=pb.ReserveRequest.FromString,
+            response_serializer=pb.ReserveResponse.SerializeToString,
+        ),
+        "StreamChunks": grpc.stream_unary_rpc_method_handler(
+            servicer.StreamChunks,
+            request_deserializer=None,
+            response_serializer=pb.StreamSummary.SerializeToString,
+        ),
+        "Commit": unary(
+            servicer.Commit,
+            request_deserializer=pb.CommitRequest.FromString,
+            response_serializer=pb.CommitResponse.SerializeToString,
+        ),
+        "Abort": unary(
+            servicer.Abort,
+            request_deserializer=pb.AbortRequest.FromString,
+            response_serializer=pb.AbortResponse.SerializeToString,
+        ),
+        "Health": unary(
+            servicer.Health,
+            request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthResponse.SerializeToString,
+        ),
+        "OpenPool": unary(
+            servicer.OpenPool,
+            request_deserializer=pb.OpenPoolRequest.FromString,
+            response_serializer=pb.PoolHandle.SerializeToString,
+        ),
+    }
+    assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["KVTransfer"].methods_by_name)
+    service = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 def start_server(sink: KVSink, config: ServerConfig) -> KVTransferServer:
     """Start serving; returns the server and the port actually bound."""
     servicer = KVTransferServicer(sink, config)
@@ -364,7 +420,7 @@ def start_server(sink: KVSink, config: ServerConfig) -> KVTransferServer:
         interceptors=[AuthInterceptor(config.auth_token)],
         options=options,
     )
-    pb_grpc.add_KVTransferServicer_to_server(servicer, server)
+    _add_servicer(servicer, server)
     if config.tls is None:
         port = server.add_insecure_port(config.bind)
     else:

@@ -13,16 +13,18 @@ from __future__ import annotations
 import enum
 import logging
 import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from engine.kv_pool import KVPool
 from kv_transfer.client import KVTransferClient, RemoteReservation
-from kv_transfer.wire import encode_layer
+from kv_transfer.wire import EncodedChunk, encode_layer
 from protos import kv_transfer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,16 @@ class KVTransport(ABC):
 
 # ---- grpc: chunks in a client stream ----------------------------------------------------
 
+IN_FLIGHT_CHUNKS = 4  # encoded chunks kept ready ahead of gRPC (4 x 4 MiB by default)
+_POLL_S = 0.05  # how often a blocked encoder or request thread checks for a stopped session
+
 
 @dataclass(frozen=True)
 class _LayerRange:
     layer_idx: int
     first_block: int
     local_block_ids: tuple[int, ...]
+    ready: torch.cuda.Event | None  # GPU pool: recorded after the layer's compute
 
 
 class _End(enum.Enum):
@@ -116,8 +122,19 @@ class GrpcTransport(KVTransport):
 
 
 class _GrpcSession(TransferSession):
-    """send_layer queues a block range; gRPC's request thread reads the blocks from the
-    pool, encodes and checksums them while the caller computes the next layer."""
+    """Three threads, so that reading the pool, hashing and copying overlap the sending:
+
+        send_layer ─ranges─▶ [queue] ─encoder thread─▶ [≤ IN_FLIGHT_CHUNKS messages] ─▶ gRPC
+
+    `send_layer` (the compute thread) only queues a block range. The encoder thread turns
+    ranges into serialized chunks (`encode_layer`: one hash pass and one copy each) and
+    blocks once IN_FLIGHT_CHUNKS are waiting. gRPC's request thread pulls the next message
+    only after the previous one went to the transport, which is why encoding must run
+    ahead on a thread of its own.
+
+    Every item the encoder takes ends in exactly one of: a message queued, the session
+    stopped (abort, or the stream ended), or an error queued for the request thread.
+    """
 
     def __init__(
         self, client: KVTransferClient, pool: KVPool, reservation: RemoteReservation
@@ -125,48 +142,97 @@ class _GrpcSession(TransferSession):
         self._client = client
         self._pool = pool
         self._reservation = reservation
-        self._queue: queue.Queue[_LayerRange | _End] = queue.Queue()
+        self._ranges: queue.Queue[_LayerRange | _End] = queue.Queue()
+        self._ready: queue.Queue[EncodedChunk | _End | BaseException] = queue.Queue(
+            IN_FLIGHT_CHUNKS
+        )
+        self._stop = threading.Event()
         self._num_bytes = 0
         self._num_chunks = 0
         self._first_send_s = 0.0
-        self._future = client.stream_future(self._chunks())
+        self._encoder = threading.Thread(
+            target=self._encode_loop, name=f"kv-encode-{reservation.request_id}", daemon=True
+        )
+        self._encoder.start()
+        self._future = client.stream_future(self._messages())
+        self._future.add_done_callback(lambda _: self._stop.set())
 
-    def _chunks(self) -> Iterator[pb.KVChunk]:
+    # ---- encoder thread ------------------------------------------------------------------
+
+    def _encode_loop(self) -> None:
         r = self._reservation
-        deadline_s = time.monotonic() + self._client.config.stream_timeout_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    item = self._ranges.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if isinstance(item, _End):
+                    self._hand_over(item)
+                    return
+                if item.ready is not None:
+                    item.ready.synchronize()
+                for chunk in encode_layer(
+                    self._pool,
+                    r.request_id,
+                    r.epoch,
+                    item.layer_idx,
+                    item.local_block_ids,
+                    item.first_block,
+                    self._client.config.max_chunk_bytes,
+                ):
+                    if not self._hand_over(chunk):
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the request thread
+            self._hand_over(e)
+
+    def _hand_over(self, item: EncodedChunk | _End | BaseException) -> bool:
+        """Queue for the request thread; False if the session stopped meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # ---- gRPC's request thread -----------------------------------------------------------
+
+    def _messages(self) -> Iterator[bytes]:
         while True:
             try:
-                item = self._queue.get(timeout=max(deadline_s - time.monotonic(), 0.001))
+                item = self._ready.get(timeout=_POLL_S)
             except queue.Empty:
-                raise TransferError("no layer to send before the stream deadline") from None
+                if self._stop.is_set():
+                    raise TransferError("transfer stopped") from None
+                continue
             if item is _End.FINISH:
                 return
             if item is _End.ABORT:
                 raise TransferError("transfer aborted by the sender")
-            for chunk in encode_layer(
-                self._pool,
-                r.request_id,
-                r.epoch,
-                item.layer_idx,
-                item.local_block_ids,
-                item.first_block,
-                self._client.config.max_chunk_bytes,
-            ):
-                if not self._num_chunks:
-                    self._first_send_s = time.perf_counter()
-                self._num_chunks += 1
-                self._num_bytes += len(chunk.data)
-                yield chunk
+            if isinstance(item, BaseException):
+                raise TransferError(f"encoding failed: {item!r}") from item
+            if not self._num_chunks:
+                self._first_send_s = time.perf_counter()
+            self._num_chunks += 1
+            self._num_bytes += item.num_data_bytes
+            yield item.message
+
+    # ---- caller's thread -----------------------------------------------------------------
 
     @property
     def num_layers(self) -> int:
         return self._pool.num_layers
 
     def send_layer(self, layer_idx: int, first_block: int, local_block_ids: Sequence[int]) -> None:
-        self._queue.put(_LayerRange(layer_idx, first_block, tuple(local_block_ids)))
+        ready = None
+        if self._pool.device.type == "cuda":  # the encoder reads once this layer is computed
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self._pool.device))
+        self._ranges.put(_LayerRange(layer_idx, first_block, tuple(local_block_ids), ready))
 
     def finish(self, timeout_s: float) -> SentBytes:
-        self._queue.put(_End.FINISH)
+        self._ranges.put(_End.FINISH)
         try:
             summary = self._future.result(timeout=timeout_s)
         except grpc.FutureCancelledError:
@@ -176,11 +242,15 @@ class _GrpcSession(TransferSession):
             raise TransferError(f"chunk stream not done after {timeout_s:.1f} s") from None
         except grpc.RpcError as e:
             raise TransferError(f"chunk stream failed: {e.code().name}: {e.details()}") from e
+        finally:
+            self._stop.set()
+            self._encoder.join()
         assert summary.num_bytes == self._num_bytes, "receiver counted other bytes than sent"
         return SentBytes(self._num_bytes, self._num_chunks, self._first_send_s)
 
     def abort(self) -> None:
-        self._queue.put(_End.ABORT)
+        self._stop.set()
+        self._ranges.put(_End.ABORT)
         self._future.cancel()  # the receiver frees the blocks when the stream breaks off
         try:  # and in case no chunk reached it yet
             self._client.abort(self._reservation, "sender aborted")

@@ -1,18 +1,25 @@
 """Wire format of the KV-transfer service: layouts, chunks, checksums, sampling options.
 
-A chunk carries K then V of a run of blocks of one layer, exactly as `KVPool.read_blocks`
-returns them:
+A chunk carries K then V of a run of blocks of one layer, in the order of the request's
+block table:
 
     data: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]   C order, raw bytes
 
-so the receiver views the bytes as a tensor and `index_copy_`s them into its pool: one
-chunk-sized view, no staging of the whole request.
+It travels as a serialized `KVChunk` whose payload is the last field (`data` has the highest
+field number, so any protobuf serializer writes it last too). What one 4 MiB chunk costs:
 
-Checksum: xxh3_64 (xxhash). It hashes at about 20 GB/s on one core, an order of magnitude
-above what a Python gRPC stream moves (1 to 2 GB/s), so integrity costs a few percent of a
-transfer; zlib's crc32 runs at 1 to 4 GB/s depending on the build and would be a visible
-share. It guards against corruption and framing bugs, not against an attacker (the shared
-token and TLS do that).
+    sender    one xxh3 pass over the pool's bytes (zero-copy views of each run of blocks) and
+              one copy, pool -> message bytes (`bytes.join` of the header and those views)
+    receiver  `split_chunk` walks the few header fields and views the payload in place
+              (no protobuf copy of 4 MiB), one xxh3 pass, then `torch.frombuffer` over the
+              view and one copy into the reserved pool slices
+
+so each side adds one memcpy and one hash to what a bare gRPC byte stream pays. (gRPC itself
+copies a message once into its own buffers on each side, bare or not.)
+
+Checksum: xxh3_64 (xxhash), about 20 GB/s on one core; zlib's crc32 runs at 1 to 4 GB/s
+depending on the build and would be a visible share. It guards against corruption and
+framing bugs, not against an attacker (the shared token and TLS do that).
 """
 
 from __future__ import annotations
@@ -24,17 +31,20 @@ from dataclasses import dataclass
 
 import torch
 import xxhash
+from google.protobuf.message import DecodeError
 
 from engine.kv_pool import KVPool
 from engine.sampling_params import SamplingParams
 from protos import kv_transfer_pb2 as pb
 
-# torch.frombuffer warns (once) that protobuf's bytes are read-only; the receiver only reads
-# them (index_copy_ copies out of the view), so the warning carries no information here.
+# torch.frombuffer warns (once) that the received bytes are read-only; the receiver only
+# reads them (the copy into the pool copies out of the view), so the warning says nothing.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 TOKEN_METADATA_KEY = "x-baton-kv-token"  # gRPC metadata key of the shared token
+DATA_FIELD_NUMBER = pb.KVChunk.DESCRIPTOR.fields_by_name["data"].number
+_WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 
 _DTYPE_TO_PB = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -67,14 +77,27 @@ def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def read_kv(pool: KVPool, layer_idx: int, block_ids: Sequence[int]) -> torch.Tensor:
-    """`pool.read_blocks`, but one slice copy per run of consecutive blocks: on CPU a slice
-    copy runs at memcpy speed, an index_select several times slower."""
+def kv_buffers(pool: KVPool, layer_idx: int, block_ids: Sequence[int]) -> list[memoryview]:
+    """K then V of `block_ids` in one layer as flat byte views, in block-table order.
+
+    CPU pool: one zero-copy view per half and run of consecutive blocks (the pool's rows of a
+    run are contiguous); the caller must keep the blocks unchanged while it uses the views.
+    GPU pool: one gather and one device-to-host copy into a single buffer.
+    """
+    if pool.device.type != "cpu":
+        kv = pool.read_blocks(layer_idx, block_ids).cpu()  # [2, n, bs, Hkv, D]
+        return [_byte_view(kv)]
     runs = block_runs(block_ids)
-    if len(runs) != 1:
-        return pool.read_blocks(layer_idx, block_ids)
-    start, n = runs[0]
-    return pool.cache[layer_idx, :, start : start + n].contiguous()  # [2, n, bs, Hkv, D]
+    return [
+        _byte_view(pool.cache[layer_idx, half, start : start + n])  # [n, bs, Hkv, D], contiguous
+        for half in (0, 1)
+        for start, n in runs
+    ]
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def write_kv(pool: KVPool, layer_idx: int, block_ids: Sequence[int], kv: torch.Tensor) -> None:
@@ -94,6 +117,42 @@ def write_kv(pool: KVPool, layer_idx: int, block_ids: Sequence[int], kv: torch.T
 def checksum(data: bytes | memoryview) -> int:
     """xxh3_64 of the bytes, as an unsigned 64-bit integer."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+def checksum_of(buffers: Sequence[bytes | memoryview]) -> int:
+    """xxh3_64 of the buffers' bytes one after the other, without joining them."""
+    if len(buffers) == 1:
+        return xxhash.xxh3_64_intdigest(buffers[0])
+    h = xxhash.xxh3_64()
+    for buf in buffers:
+        h.update(buf)
+    return h.intdigest()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """(value, position after it); raises IndexError past the end."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint longer than 10 bytes")
+
+
+_DATA_TAG = _varint(DATA_FIELD_NUMBER << 3 | _WIRE_LEN)
 
 
 @dataclass(frozen=True)
@@ -143,6 +202,7 @@ class ChunkErrorKind(enum.Enum):
     BAD_RANGE = "bad_range"  # layer or block range outside what was reserved
     BAD_SIZE = "bad_size"  # data length differs from num_blocks * layer_block_bytes
     BAD_CHECKSUM = "bad_checksum"
+    BAD_MESSAGE = "bad_message"  # the bytes do not parse as a KVChunk
     UNKNOWN_RESERVATION = "unknown_reservation"  # no such request, wrong epoch, or expired
 
 
@@ -152,6 +212,25 @@ class ChunkError(Exception):
     def __init__(self, kind: ChunkErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """One serialized `KVChunk`, ready to hand to gRPC as is."""
+
+    message: bytes
+    layer_idx: int
+    first_block: int  # index into the request's block table
+    num_blocks: int
+    num_data_bytes: int
+
+
+@dataclass(frozen=True)
+class ReceivedChunk:
+    """A received `KVChunk`: every field but data parsed, data a view into the message."""
+
+    header: pb.KVChunk  # data left empty
+    data: memoryview  # read-only, keeps the message alive
 
 
 @dataclass(frozen=True)
@@ -165,6 +244,60 @@ class DecodedChunk:
         return self.kv.shape[1]
 
 
+def encode_chunk(header: pb.KVChunk, buffers: Sequence[bytes | memoryview]) -> bytes:
+    """Serialize `header` (data unset) with the buffers' bytes as its data field.
+
+    The result equals `header.SerializeToString()` with data set to the joined buffers (data
+    has the highest field number); the buffers' bytes are copied once, straight into it.
+    """
+    assert not header.data, "the payload goes in buffers"
+    num_bytes = sum(len(b) for b in buffers)
+    head = header.SerializeToString() + _DATA_TAG + _varint(num_bytes)
+    return b"".join([head, *buffers])
+
+
+def split_chunk(message: bytes) -> ReceivedChunk:
+    """Parse a serialized KVChunk, viewing its data field in place instead of copying it.
+
+    Walks the message's top-level fields (a handful of small ones and data, usually last);
+    everything but data is parsed by protobuf. As in protobuf, the last data field wins.
+    Raises ChunkError(BAD_MESSAGE) on bytes that are not a KVChunk.
+    """
+    buf = memoryview(message).toreadonly()
+    header_parts: list[memoryview] = []
+    data = buf[0:0]
+    pos, end = 0, len(buf)
+    try:
+        while pos < end:
+            start = pos
+            key, pos = _read_varint(buf, pos)
+            wire_type = key & 7
+            if wire_type == _WIRE_VARINT:
+                _, pos = _read_varint(buf, pos)
+            elif wire_type == _WIRE_I64:
+                pos += 8
+            elif wire_type == _WIRE_I32:
+                pos += 4
+            elif wire_type == _WIRE_LEN:
+                length, pos = _read_varint(buf, pos)
+                if key >> 3 == DATA_FIELD_NUMBER:
+                    data = buf[pos : pos + length]
+                    pos += length
+                    if pos > end:
+                        raise IndexError
+                    continue
+                pos += length
+            else:
+                raise ValueError(f"wire type {wire_type}")
+            if pos > end:
+                raise IndexError
+            header_parts.append(buf[start:pos])
+        header = pb.KVChunk.FromString(b"".join(header_parts))
+    except (IndexError, ValueError, DecodeError) as e:
+        raise ChunkError(ChunkErrorKind.BAD_MESSAGE, f"not a KVChunk message: {e!r}") from None
+    return ReceivedChunk(header, data)
+
+
 def encode_layer(
     pool: KVPool,
     request_id: str,
@@ -173,75 +306,80 @@ def encode_layer(
     block_ids: Sequence[int],
     first_block: int,
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Iterator[pb.KVChunk]:
+) -> Iterator[EncodedChunk]:
     """Chunks of one layer's blocks `block_ids`, which sit at `first_block` onwards in the
-    request's block table. Each chunk is one gather (`read_blocks`) and one copy into bytes.
-    """
+    request's block table. Each chunk costs one hash pass and one copy of its bytes."""
     layout = KVLayout.of_pool(pool)
     step = layout.blocks_per_chunk(max_chunk_bytes)
     dtype = dtype_to_pb(pool.dtype)
     for start in range(0, len(block_ids), step):
         ids = block_ids[start : start + step]
-        kv = read_kv(pool, layer_idx, ids)  # [2, n, bs, Hkv, D]
-        data = kv.cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-        yield pb.KVChunk(
+        buffers = kv_buffers(pool, layer_idx, ids)
+        header = pb.KVChunk(
             request_id=request_id,
             epoch=epoch,
             layer_idx=layer_idx,
             first_block=first_block + start,
             num_blocks=len(ids),
             dtype=dtype,
-            data=data,
             checksum_kind=pb.CHECKSUM_XXH3_64,
-            checksum=checksum(data),
+            checksum=checksum_of(buffers),
+        )
+        yield EncodedChunk(
+            encode_chunk(header, buffers),
+            layer_idx,
+            first_block + start,
+            len(ids),
+            len(ids) * layout.layer_block_bytes,
         )
 
 
 def decode_chunk(
-    chunk: pb.KVChunk, layout: KVLayout, num_table_blocks: int, first_sendable: int
+    chunk: ReceivedChunk, layout: KVLayout, num_table_blocks: int, first_sendable: int
 ) -> DecodedChunk:
     """Check a chunk against its reservation and view its bytes as a tensor.
 
     num_table_blocks: length of the request's block table; first_sendable: leading blocks
     the receiver already holds (its prefix-cache hits), which must not be sent.
     """
-    if chunk.dtype != dtype_to_pb(layout.dtype):
+    h = chunk.header
+    if h.dtype != dtype_to_pb(layout.dtype):
         raise ChunkError(
             ChunkErrorKind.BAD_LAYOUT,
-            f"chunk dtype {pb.DType.Name(chunk.dtype)} differs from the pool's {layout.dtype}",
+            f"chunk dtype {pb.DType.Name(h.dtype)} differs from the pool's {layout.dtype}",
         )
-    if chunk.layer_idx >= layout.num_layers:
+    if h.layer_idx >= layout.num_layers:
         raise ChunkError(
             ChunkErrorKind.BAD_RANGE,
-            f"layer {chunk.layer_idx} out of range [0, {layout.num_layers})",
+            f"layer {h.layer_idx} out of range [0, {layout.num_layers})",
         )
-    end = chunk.first_block + chunk.num_blocks
-    if chunk.num_blocks == 0 or chunk.first_block < first_sendable or end > num_table_blocks:
+    end = h.first_block + h.num_blocks
+    if h.num_blocks == 0 or h.first_block < first_sendable or end > num_table_blocks:
         raise ChunkError(
             ChunkErrorKind.BAD_RANGE,
-            f"blocks [{chunk.first_block}, {end}) outside the reserved range "
+            f"blocks [{h.first_block}, {end}) outside the reserved range "
             f"[{first_sendable}, {num_table_blocks})",
         )
-    expected = chunk.num_blocks * layout.layer_block_bytes
+    expected = h.num_blocks * layout.layer_block_bytes
     if len(chunk.data) != expected:
         raise ChunkError(
             ChunkErrorKind.BAD_SIZE,
-            f"chunk holds {len(chunk.data)} bytes; {chunk.num_blocks} blocks need {expected}",
+            f"chunk holds {len(chunk.data)} bytes; {h.num_blocks} blocks need {expected}",
         )
-    if chunk.checksum_kind != pb.CHECKSUM_XXH3_64:
+    if h.checksum_kind != pb.CHECKSUM_XXH3_64:
         raise ChunkError(
             ChunkErrorKind.BAD_CHECKSUM,
-            f"checksum kind {pb.ChecksumKind.Name(chunk.checksum_kind)} is not supported",
+            f"checksum kind {pb.ChecksumKind.Name(h.checksum_kind)} is not supported",
         )
-    if checksum(chunk.data) != chunk.checksum:
+    if checksum(chunk.data) != h.checksum:
         raise ChunkError(
             ChunkErrorKind.BAD_CHECKSUM,
-            f"checksum mismatch on layer {chunk.layer_idx} blocks [{chunk.first_block}, {end})",
+            f"checksum mismatch on layer {h.layer_idx} blocks [{h.first_block}, {end})",
         )
     kv = torch.frombuffer(chunk.data, dtype=layout.dtype).view(
-        2, chunk.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim
+        2, h.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim
     )
-    return DecodedChunk(chunk.layer_idx, chunk.first_block, kv)
+    return DecodedChunk(h.layer_idx, h.first_block, kv)
 
 
 def sampling_to_pb(params: SamplingParams) -> pb.SamplingOptions:

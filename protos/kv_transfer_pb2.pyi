@@ -117,7 +117,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("request_id", "epoch", "layer_idx", "first_block", "num_blocks", "dtype", "layout", "data", "checksum_kind", "checksum")
+    __slots__ = ("request_id", "epoch", "layer_idx", "first_block", "num_blocks", "dtype", "layout", "checksum_kind", "checksum", "data")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LAYER_IDX_FIELD_NUMBER: _ClassVar[int]
@@ -125,9 +125,9 @@ class KVChunk(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_KIND_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     layer_idx: int
@@ -135,10 +135,10 @@ class KVChunk(_message.Message):
     num_blocks: int
     dtype: DType
     layout: KVLayout
-    data: bytes
     checksum_kind: ChecksumKind
     checksum: int
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., layer_idx: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., data: _Optional[bytes] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ...) -> None: ...
+    data: bytes
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., layer_idx: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., checksum_kind: _Optional[_Union[ChecksumKind, str]] = ..., checksum: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StreamSummary(_message.Message):
     __slots__ = ("num_chunks", "num_bytes")

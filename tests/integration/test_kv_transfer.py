@@ -278,6 +278,11 @@ def raw_chunk(r: RemoteReservation, layout: KVLayout, layer: int, first: int, n:
     )
 
 
+def stream(client: KVTransferClient, *chunks: pb.KVChunk) -> pb.StreamSummary:
+    """Stream hand-made chunks, serialized by protobuf itself (not by wire.encode_chunk)."""
+    return client.stream(c.SerializeToString() for c in chunks)
+
+
 def reserve_prompt(client: KVTransferClient, request_id: str = "x", lease_s: float = 0.0):
     layout = KVLayout.of_pool(make_engine(1).pool)
     return client.reserve(request_id, PROMPT, GREEDY, layout, lease_s=lease_s), layout
@@ -297,7 +302,7 @@ def test_corrupt_chunk_is_detected_and_frees_blocks(decode: Decode):
         bad = pb.KVChunk()
         bad.CopyFrom(good)
         bad.data = good.data[:100] + bytes([good.data[100] ^ 1]) + good.data[101:]
-        details = expect_status(grpc.StatusCode.DATA_LOSS, lambda: client.stream(iter([good, bad])))
+        details = expect_status(grpc.StatusCode.DATA_LOSS, lambda: stream(client, good, bad))
         assert "checksum mismatch on layer 0" in details
         expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
     counters = decode.server.servicer.counters.snapshot()
@@ -316,9 +321,7 @@ def test_unauthenticated_peer_is_refused(decode: Decode):
             fake = RemoteReservation("u", 1, (0,), 0, 1.0)
             expect_status(
                 grpc.StatusCode.UNAUTHENTICATED,
-                lambda client=client, fake=fake: client.stream(
-                    iter([raw_chunk(fake, layout, 0, 0, 1)])
-                ),
+                lambda client=client, fake=fake: stream(client, raw_chunk(fake, layout, 0, 0, 1)),
             )
     assert decode.engine.num_free_blocks == decode.free_at_start
     with decode.client() as client:
@@ -346,7 +349,7 @@ def test_abort_mid_stream_frees_blocks(decode: Decode, prefill: Engine):
 def test_abort_rpc_frees_blocks_and_is_idempotent(decode: Decode):
     with decode.client() as client:
         r, layout = reserve_prompt(client)
-        client.stream(iter([raw_chunk(r, layout, 0, 0, 3)]))
+        stream(client, raw_chunk(r, layout, 0, 0, 3))
         assert decode.engine.num_free_blocks == decode.free_at_start - 7
         assert client.abort(r, "test") is True
         assert client.abort(r, "again") is False
@@ -357,8 +360,8 @@ def _killed_sender(target: str, r: RemoteReservation, sent: mp.Event) -> None:
     """Runs in a spawned process: streams one chunk, signals, then hangs mid-stream."""
     layout = KVLayout(2, 16, 2, 16, torch.float32)
 
-    def chunks() -> Iterator[pb.KVChunk]:
-        yield raw_chunk(r, layout, 0, 0, 1)
+    def chunks() -> Iterator[bytes]:
+        yield raw_chunk(r, layout, 0, 0, 1).SerializeToString()
         sent.set()
         time.sleep(600)
 
@@ -394,7 +397,7 @@ def test_lease_expiry_frees_blocks(decode: Decode):
         assert decode.engine.num_free_blocks == decode.free_at_start - 7
         assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start, 3)
         details = expect_status(
-            grpc.StatusCode.NOT_FOUND, lambda: client.stream(iter([raw_chunk(r, layout, 0, 0, 1)]))
+            grpc.StatusCode.NOT_FOUND, lambda: stream(client, raw_chunk(r, layout, 0, 0, 1))
         )
         assert "no active reservation" in details
     assert decode.server.servicer.counters.snapshot().leases_expired == 1
@@ -475,7 +478,7 @@ def test_malformed_chunks_fail_the_transfer(decode: Decode, mutate, code, messag
         r, layout = reserve_prompt(client)
         chunk = raw_chunk(r, layout, 0, 0, 2)
         mutate(chunk)
-        assert message in expect_status(code, lambda: client.stream(iter([chunk])))
+        assert message in expect_status(code, lambda: stream(client, chunk))
         if code is grpc.StatusCode.NOT_FOUND:  # never matched the lease: still reserved
             assert client.abort(r, "cleanup")
 
@@ -485,9 +488,7 @@ def test_oversized_chunk_is_refused(decode: Decode):
         r, layout = reserve_prompt(client, lease_s=1.0)
         first = raw_chunk(r, layout, 0, 0, 1)
         huge = pb.KVChunk(request_id=r.request_id, epoch=r.epoch, data=b"\0" * (9 * 2**20))
-        expect_status(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.stream(iter([first, huge]))
-        )
+        expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: stream(client, first, huge))
         # The broken stream frees the blocks if the first chunk reached the lease before gRPC
         # refused the second; otherwise the (short) lease does.
         assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
@@ -496,7 +497,7 @@ def test_oversized_chunk_is_refused(decode: Decode):
 def test_commit_before_every_block_arrived_is_refused(decode: Decode):
     with decode.client() as client:
         r, layout = reserve_prompt(client)
-        client.stream(iter([raw_chunk(r, layout, 0, 0, 7)]))  # layer 0 only
+        stream(client, raw_chunk(r, layout, 0, 0, 7))  # layer 0 only
         assert "before every block" in expect_status(
             grpc.StatusCode.FAILED_PRECONDITION, lambda: client.commit(r, 1)
         )
@@ -521,8 +522,20 @@ def test_encode_layer_matches_pool(prefill: Engine):
     for c in chunks:
         ids = blocks[c.first_block : c.first_block + c.num_blocks]
         kv = prefill.pool.read_blocks(1, ids)  # [2, n, bs, Hkv, D]: K of all n, then V
-        assert c.data == kv.reshape(-1).view(torch.uint8).numpy().tobytes()
-        assert c.checksum == checksum(c.data) and c.layer_idx == 1
+        data = kv.reshape(-1).view(torch.uint8).numpy().tobytes()
+        expected = pb.KVChunk(
+            request_id="e",
+            epoch=1,
+            layer_idx=1,
+            first_block=c.first_block,
+            num_blocks=c.num_blocks,
+            dtype=pb.DTYPE_FLOAT32,
+            checksum_kind=pb.CHECKSUM_XXH3_64,
+            checksum=checksum(data),
+            data=data,
+        )
+        assert c.message == expected.SerializeToString()  # protobuf's own bytes, exactly
+        assert c.num_data_bytes == len(data) == c.num_blocks * 4096
     prefill.release("e")
 
 

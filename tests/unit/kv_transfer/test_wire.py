@@ -11,10 +11,12 @@ from kv_transfer.wire import (
     ChunkErrorKind,
     KVLayout,
     checksum,
+    checksum_of,
     decode_chunk,
     encode_layer,
     sampling_from_pb,
     sampling_to_pb,
+    split_chunk,
 )
 from protos import kv_transfer_pb2 as pb
 
@@ -43,19 +45,72 @@ def test_layout_round_trips_through_proto(pool: KVPool):
 def test_encode_then_decode_is_exact(pool: KVPool):
     layout = KVLayout.of_pool(pool)
     chunks = list(encode_layer(pool, "r", 3, 1, [5, 2, 7], first_block=1, max_chunk_bytes=1024))
-    assert [(c.first_block, c.num_blocks, c.epoch, c.layer_idx) for c in chunks] == [
-        (1, 2, 3, 1),
-        (3, 1, 3, 1),
+    assert [(c.first_block, c.num_blocks, c.num_data_bytes) for c in chunks] == [
+        (1, 2, 1024),
+        (3, 1, 512),
     ]
-    got = [decode_chunk(c, layout, num_table_blocks=4, first_sendable=1) for c in chunks]
+    received = [split_chunk(c.message) for c in chunks]
+    assert [(r.header.epoch, r.header.layer_idx, r.header.data) for r in received] == [
+        (3, 1, b""),
+        (3, 1, b""),
+    ]
+    got = [decode_chunk(r, layout, num_table_blocks=4, first_sendable=1) for r in received]
     assert torch.equal(got[0].kv, pool.read_blocks(1, [5, 2]))
     assert torch.equal(got[1].kv, pool.read_blocks(1, [7]))
     assert got[0].kv.shape == (2, 2, 4, 2, 16)
 
 
+def test_encoded_chunk_is_protobufs_own_serialization(pool: KVPool):
+    (chunk,) = encode_layer(pool, "req", 9, 0, [3, 4, 6], first_block=2)  # runs [3, 4], [6]
+    data = pool.read_blocks(0, [3, 4, 6]).reshape(-1).view(torch.uint8).numpy().tobytes()
+    expected = pb.KVChunk(
+        request_id="req", epoch=9, layer_idx=0, first_block=2, num_blocks=3,
+        dtype=pb.DTYPE_BFLOAT16, checksum_kind=pb.CHECKSUM_XXH3_64, checksum=checksum(data),
+        data=data,
+    )  # fmt: skip
+    assert chunk.message == expected.SerializeToString()
+    assert chunk.message.endswith(data)  # the payload is the tail: the receiver views it
+
+
+def test_split_views_the_payload_in_place():
+    data = bytes(range(256)) * 4
+    message = pb.KVChunk(request_id="r", layer_idx=1, data=data, checksum=5).SerializeToString()
+    got = split_chunk(message)
+    assert got.header == pb.KVChunk(request_id="r", layer_idx=1, checksum=5)
+    assert got.data.obj is message and got.data.readonly and bytes(got.data) == data
+    # Fields in any order, data not last, data twice (the last wins, as in protobuf).
+    reordered = (
+        pb.KVChunk(data=b"old").SerializeToString()
+        + pb.KVChunk(checksum=7).SerializeToString()
+        + pb.KVChunk(data=b"new").SerializeToString()
+        + pb.KVChunk(request_id="q").SerializeToString()
+    )
+    got = split_chunk(reordered)
+    assert got.header == pb.KVChunk(checksum=7, request_id="q") and bytes(got.data) == b"new"
+    assert bytes(split_chunk(b"").data) == b"" and split_chunk(b"").header == pb.KVChunk()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"\x7a\x05abc",  # data runs past the end
+        b"\x7a",  # length missing
+        b"\x08",  # varint missing
+        b"\x0b",  # wire type 3 (group): not in proto3
+        b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # varint over 10 bytes
+        b"\x0a\x02\xff\xfe",  # request_id is not UTF-8: protobuf refuses the header
+    ],
+)
+def test_split_rejects_malformed_messages(message: bytes):
+    with pytest.raises(ChunkError) as info:
+        split_chunk(message)
+    assert info.value.kind is ChunkErrorKind.BAD_MESSAGE
+
+
 def test_checksum_is_xxh3_64():
     assert checksum(b"") == 0x2D06800538D394C2
     assert checksum(b"baton") != checksum(b"batoN")
+    assert checksum_of([b"bat", memoryview(b"on")]) == checksum(b"baton")
 
 
 @pytest.mark.parametrize(
@@ -73,11 +128,13 @@ def test_checksum_is_xxh3_64():
 )
 def test_decode_rejects(pool: KVPool, field: str, value: object, kind: ChunkErrorKind):
     layout = KVLayout.of_pool(pool)
-    (chunk,) = encode_layer(pool, "r", 1, 0, [4], first_block=1)
-    decode_chunk(chunk, layout, num_table_blocks=3, first_sendable=1)  # valid as made
+    (encoded,) = encode_layer(pool, "r", 1, 0, [4], first_block=1)
+    decode_chunk(split_chunk(encoded.message), layout, num_table_blocks=3, first_sendable=1)
+    chunk = pb.KVChunk.FromString(encoded.message)
     setattr(chunk, field, value)
     with pytest.raises(ChunkError) as info:
-        decode_chunk(chunk, layout, num_table_blocks=3, first_sendable=1)
+        received = split_chunk(chunk.SerializeToString())
+        decode_chunk(received, layout, num_table_blocks=3, first_sendable=1)
     assert info.value.kind is kind
 
 

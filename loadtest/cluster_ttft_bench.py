@@ -1,0 +1,212 @@
+"""TTFT at light load, broken into phases, and disaggregated == colocated outputs.
+
+For the GPU machine with two GPUs (gpu-1p1d.yaml, the llama3-8b shape, random bf16 weights):
+
+    python -m loadtest.cluster_ttft_bench --config cluster_configs/gpu-1p1d.yaml --record
+
+1. Launches the config's disaggregated cluster (1 prefill + 1 decode worker) on a local Ray,
+   sends `--num-requests` requests one at a time (light load: nothing queues), greedy, a
+   random `--prompt-tokens`-token prompt each (no prefix hits), and records the client's
+   time to first token and the server's phases from the last response's timings:
+   router, prefill queue, prefill, transfer, decode queue, other (Ray calls between them).
+2. Stops it and launches the same model and engine settings as one colocated replica, and
+   sends the same prompts: the greedy tokens must be equal (reported as a match fraction).
+3. Prints one JSON object per figure; --record merges them into docs/benchmarks.json.
+
+On CPU (`--config cluster_configs/local.yaml --prompt-tokens 200`) it is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from loadtest.router_bench import _commit, record
+
+PHASES = (
+    "router_ms",
+    "prefill_queue_ms",
+    "prefill_ms",
+    "transfer_ms",
+    "decode_queue_ms",
+    "other_ms",
+)
+
+
+def _run_requests(
+    address: str, prompts: list[list[int]], max_tokens: int
+) -> tuple[list[list[int]], list[dict[str, float]]]:
+    from baton.client import BatonClient, build_request
+
+    outputs, rows = [], []
+    with BatonClient(address, timeout_s=600) as client:
+        for prompt in prompts:
+            req = build_request(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            start = time.perf_counter()
+            first_s = None
+            ids: list[int] = []
+            last = None
+            for resp in client.stream(req):
+                if first_s is None and resp.token_ids:
+                    first_s = time.perf_counter() - start
+                ids.extend(resp.token_ids)
+                last = resp
+            assert last is not None and first_s is not None
+            t = last.timings
+            row = {p: getattr(t, p) for p in PHASES}
+            row["server_ttft_ms"] = t.ttft_ms
+            row["client_ttft_ms"] = first_s * 1e3
+            rows.append(row)
+            outputs.append(ids)
+    return outputs, rows
+
+
+def _launch_and_run(
+    cfg: Any, prompts: list[list[int]], max_tokens: int, warmup: int
+) -> tuple[list[list[int]], list[dict[str, float]]]:
+    from baton.launcher import launch
+
+    cluster = launch(cfg)
+    try:
+        _run_requests(cluster.address, prompts[:warmup], max_tokens)  # compile, warm caches
+        return _run_requests(cluster.address, prompts, max_tokens)
+    finally:
+        cluster.stop(grace_s=2.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="cluster_configs/gpu-1p1d.yaml")
+    parser.add_argument("--model", default=None, help="a checkpoint folder instead of the preset")
+    parser.add_argument("--num-requests", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--transport",
+        choices=["auto", "grpc", "cuda_ipc"],
+        default=None,
+        help="override cluster.kv_transfer.transport (grpc if the same-host GPU path fails)",
+    )
+    parser.add_argument("--card", default=None, help="e.g. '2 x H100 80GB (NVLink)'")
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    from baton.config import ClusterMode, Placement, TransportName, load_config
+
+    cfg = load_config(args.config, args.model)
+    if args.transport is not None:
+        kv = dataclasses.replace(cfg.cluster.kv_transfer, transport=TransportName(args.transport))
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, kv_transfer=kv))
+    if cfg.cluster.mode is not ClusterMode.DISAGGREGATED:
+        raise SystemExit("--config must describe a disaggregated cluster")
+    colocated = dataclasses.replace(
+        cfg,
+        cluster=dataclasses.replace(
+            cfg.cluster, mode=ClusterMode.COLOCATED, num_decode=1, placement=Placement.NONE
+        ),
+        prefill_engine=None,
+        decode_engine=cfg.decode_engine,
+    )
+    rng = np.random.default_rng(args.seed)
+    vocab = cfg.engine.model.vocab_size
+    n = args.num_requests + args.warmup
+    prompts = [rng.integers(0, min(vocab, 32000), args.prompt_tokens).tolist() for _ in range(n)]
+    # Warm-up prompts first, then the measured ones (distinct: no prefix-cache hits).
+    measured = prompts[args.warmup :]
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        disagg_out, rows = _launch_and_run(
+            cfg, prompts[: args.warmup] + measured, args.max_tokens, args.warmup
+        )
+        disagg_out, rows = disagg_out[args.warmup :], rows[args.warmup :]
+        coloc_out, coloc_rows = _launch_and_run(
+            colocated, prompts[: args.warmup] + measured, args.max_tokens, args.warmup
+        )
+        coloc_out, coloc_rows = coloc_out[args.warmup :], coloc_rows[args.warmup :]
+    finally:
+        ray.shutdown()
+
+    match = sum(a == b for a, b in zip(disagg_out, coloc_out, strict=True)) / len(measured)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    coloc_ttft = statistics.median(r["client_ttft_ms"] for r in coloc_rows)
+    card = args.card or _card()
+    command = "python -m loadtest.cluster_ttft_bench " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    common = {
+        "card": card,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
+        "command": command.strip(),
+    }
+    shape = f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens, one at a time, medians of {len(measured)}"
+    entries = [
+        {
+            "name": "cluster.ttft_light_load_ms",
+            "value": round(med["client_ttft_ms"], 2),
+            "unit": "ms",
+            "target": "none set (issue 4 asks for the phases)",
+            "phases": {k.removesuffix("_ms"): round(med[k], 3) for k in PHASES},
+            "server_ttft_ms": round(med["server_ttft_ms"], 2),
+            "baseline": f"colocated replica, same prompts: {coloc_ttft:.2f} ms",
+            "note": f"{args.config}; {shape}",
+            **common,
+        }
+    ]
+    entries += [
+        {
+            "name": f"cluster.ttft_light_load.{k.removesuffix('_ms')}_ms",
+            "value": round(med[k], 3),
+            "unit": "ms",
+            "target": "none set",
+            **common,
+        }
+        for k in PHASES
+    ]
+    entries.append(
+        {
+            "name": "cluster.disagg_equals_colocated",
+            "value": match,
+            "unit": "fraction of requests with equal greedy tokens",
+            "target": "1.0",
+            "note": shape,
+            **common,
+        }
+    )
+    for e in entries:
+        print(json.dumps(e))
+    if args.record:
+        record(entries)
+    return 0 if match == 1.0 else 1
+
+
+def _card() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            return f"{torch.cuda.device_count()} x {name}"
+    except ImportError:
+        pass
+    import os
+
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

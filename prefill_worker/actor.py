@@ -1,0 +1,62 @@
+"""The prefill worker's Ray actor: a thin async shell over `PrefillWorker`.
+
+`prefill` resolves when the request's KV is committed on the decode worker (or failed);
+its result carries the first token and the prefill-side phase timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from decode_worker.messages import PrefillResult, PrefillTask, WorkerLoad
+from kv_transfer.transport import TransportKind
+from prefill_worker.worker import PrefillWorker
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class PrefillActor:
+    def __init__(
+        self,
+        name: str,
+        worker_spec: object,
+        kv_auth_token: str,
+        transport: str,
+        lease_s: float,
+        finish_timeout_s: float,
+    ) -> None:
+        from baton.launcher import build_engine
+
+        engine = build_engine(worker_spec)
+        self.worker = PrefillWorker(
+            name,
+            engine,
+            kv_auth_token,
+            TransportKind(transport),
+            lease_s,
+            finish_timeout_s,
+            node_id=ray.get_runtime_context().get_node_id(),
+        )
+        self.worker.start()
+
+    async def ready(self) -> str:
+        return self.worker.name
+
+    async def load(self) -> WorkerLoad:
+        return self.worker.load()
+
+    async def health(self) -> tuple[bool, str]:
+        return self.worker.healthy, self.worker.health_detail
+
+    async def prefill(self, task: PrefillTask) -> PrefillResult:
+        return await asyncio.wrap_future(self.worker.submit(task))
+
+    async def abort(self, request_id: str, reason: str = "aborted") -> bool:
+        return await asyncio.wrap_future(self.worker.abort(request_id, reason))
+
+    async def transport_kinds(self) -> dict[str, str]:
+        return self.worker.transport_kinds()
+
+    async def stop(self) -> None:
+        self.worker.stop()

@@ -1,0 +1,375 @@
+"""The prefill worker: a prefill engine and one loop thread that streams KV to decode workers.
+
+A request, through the prefill worker's queues in order:
+
+  inbox        `submit` (any thread) puts the task in the inbox and wakes the loop; the
+               caller waits on a Future for the `PrefillResult`
+  reserving    the loop thread takes every task in the inbox at once; for each, Reserve on
+               the chosen decode worker's KV-transfer service (its prefix hits come back and
+               are never sent), open a transport session, queue the prompt in the engine
+               with hold_kv=True and max_tokens=1 (`LayerStreamer.add_request`)
+  deferred     Reserve refused with RESOURCE_EXHAUSTED (the decode pool is full now): the
+               task waits here and retries with exponential backoff (5 ms doubling to
+               200 ms) until its deadline, as it would wait in a queue
+  prefilling   one engine step prefills every queued prompt that fits the token budget
+               together (a prompt is chunked only past the budget); after layer i the
+               hook hands layer i's final blocks of each request to its session, so bytes
+               move while layer i+1 computes
+  completing   the step that samples the first token ends the prefill: wait for the last
+               bytes, Commit with the first token, release the local blocks (they stay in
+               the prefix cache), resolve the Future
+  failed       Reserve refused for another reason, transfer or Commit failed, abort or
+               deadline: the remote reservation is aborted, local
+               blocks freed, the Future resolves with the status and a gRPC code name
+
+One `LayerStreamer` (kv_transfer/layer_stream.py) per decode worker, all over the one
+engine: the loop steps the engine itself and fans each layer's hook out to every streamer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import grpc
+
+from decode_worker.messages import (
+    PrefillResult,
+    PrefillStatus,
+    PrefillTask,
+    WorkerLoad,
+    WorkerRole,
+)
+from engine.engine import Engine
+from kv_transfer.client import ClientConfig, KVTransferClient
+from kv_transfer.layer_stream import LayerStreamer, TransferStatus
+from kv_transfer.transport import TransportKind, make_transport
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+# Reserve refused for lack of room on the decode side: retry with exponential backoff
+# (the request waits here, as it would in a queue) until its deadline.
+RESERVE_RETRY_FIRST_S = 0.005
+RESERVE_RETRY_MAX_S = 0.2
+
+
+@dataclass(eq=False)
+class _Task:
+    task: PrefillTask
+    future: Future[PrefillResult]
+    arrival_s: float = field(default_factory=time.monotonic)
+    deadline_s: float = 0.0
+    first_step_s: float | None = None
+    retry_at_s: float = 0.0
+    retry_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.deadline_s = self.arrival_s + self.task.timeout_s
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    reason: str
+    future: Future[bool]
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        name: str,
+        engine: Engine,
+        kv_auth_token: str,
+        transport: TransportKind = TransportKind.AUTO,
+        lease_s: float = 30.0,
+        finish_timeout_s: float = 30.0,
+        node_id: str = "",
+    ) -> None:
+        self.name = name
+        self.engine = engine
+        self.node_id = node_id
+        self._token = kv_auth_token
+        self._transport_kind = transport
+        self._lease_s = lease_s
+        self._finish_timeout_s = finish_timeout_s
+        self._inbox: queue.SimpleQueue[_Task | _Abort] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streamers: dict[str, LayerStreamer] = {}  # kv address -> streamer
+        self._owner: dict[str, LayerStreamer] = {}  # request id -> its streamer
+        self._tasks: dict[str, _Task] = {}  # in the engine, by request id
+        self._deferred: list[_Task] = []  # Reserve refused (decode side full): retry later
+        self._num_inbox = 0
+        self._num_deferred = 0  # len(_deferred), readable from other threads
+        self._num_done = 0
+        self._stats_lock = threading.Lock()  # guards the numbers load() reads
+        self._load_snapshot: WorkerLoad | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error = ""
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._publish_load()
+        self._thread = threading.Thread(target=self._loop, name=f"{self.name}-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+        for s in self._streamers.values():
+            s.client.close()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._error
+
+    @property
+    def health_detail(self) -> str:
+        return self._error or ("ok" if self.healthy else "loop not running")
+
+    # ---- any thread ----------------------------------------------------------------------
+
+    def submit(self, task: PrefillTask) -> Future[PrefillResult]:
+        fut: Future[PrefillResult] = Future()
+        if not self.healthy:
+            fut.set_result(
+                PrefillResult(
+                    task.request_id,
+                    PrefillStatus.REJECTED,
+                    code="UNAVAILABLE",
+                    detail=f"prefill worker {self.name}: {self.health_detail}",
+                )
+            )
+            return fut
+        with self._stats_lock:
+            self._num_inbox += 1
+        self._inbox.put(_Task(task, fut))
+        self._wake.set()
+        return fut
+
+    def abort(self, request_id: str, reason: str = "aborted") -> Future[bool]:
+        fut: Future[bool] = Future()
+        self._inbox.put(_Abort(request_id, reason, fut))
+        self._wake.set()
+        return fut
+
+    def transport_kinds(self) -> dict[str, str]:
+        """Decode worker KV address -> transport in use ("grpc", "cuda_ipc")."""
+        return {addr: s.transport.kind.value for addr, s in list(self._streamers.items())}
+
+    def load(self) -> WorkerLoad:
+        with self._stats_lock:
+            assert self._load_snapshot is not None
+            snap = self._load_snapshot
+            return dataclasses.replace(
+                snap, queue_depth=snap.queue_depth + self._num_inbox + self._num_deferred
+            )
+
+    # ---- the loop (only this thread touches the engine) ----------------------------------
+
+    def _loop(self) -> None:
+        """Invariant: every task is in exactly one of inbox, _tasks, or resolved."""
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                self._expire()
+                if self.engine.has_unfinished():
+                    self._step()
+                else:
+                    self._publish_load()
+                    wait = IDLE_WAIT_S
+                    if self._deferred:
+                        next_retry = min(t.retry_at_s for t in self._deferred)
+                        wait = min(wait, max(next_retry - time.monotonic(), 0.0))
+                    self._wake.wait(wait)
+                    self._wake.clear()
+        except Exception as e:
+            log.exception("prefill loop of %s died", self.name)
+            self._error = f"prefill loop died: {e!r}"
+        finally:
+            for rid in list(self._tasks):
+                self._abort_task(rid, "prefill worker stopping", PrefillStatus.FAILED)
+            for t in self._deferred:
+                self._resolve(t, PrefillStatus.REJECTED, "UNAVAILABLE", "prefill worker stopping")
+            self._deferred.clear()
+            self._fail_inbox()
+
+    def _fail_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Task):
+                item.future.set_result(
+                    PrefillResult(
+                        item.task.request_id,
+                        PrefillStatus.REJECTED,
+                        code="UNAVAILABLE",
+                        detail="prefill worker stopping",
+                    )
+                )
+            else:
+                item.future.set_result(False)
+
+    def _streamer(self, kv_address: str) -> LayerStreamer:
+        s = self._streamers.get(kv_address)
+        if s is None:
+            client = KVTransferClient(ClientConfig(target=kv_address, auth_token=self._token))
+            transport = make_transport(self._transport_kind, client, self.engine.pool)
+            s = LayerStreamer(self.engine, client, transport, self._lease_s, self._finish_timeout_s)
+            self._streamers[kv_address] = s
+        return s
+
+    def _drain_inbox(self) -> None:
+        if self._deferred:
+            now = time.monotonic()
+            due = [t for t in self._deferred if t.retry_at_s <= now]
+            self._deferred = [t for t in self._deferred if t.retry_at_s > now]
+            for t in due:
+                self._start(t)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Abort):
+                item.future.set_result(
+                    self._abort_task(item.request_id, item.reason, PrefillStatus.ABORTED)
+                    or self._drop_deferred(item.request_id, item.reason)
+                )
+                continue
+            with self._stats_lock:
+                self._num_inbox -= 1
+            self._start(item)
+
+    def _start(self, t: _Task) -> None:
+        task = t.task
+        rid = task.request_id
+        if time.monotonic() >= t.deadline_s:
+            self._resolve(
+                t, PrefillStatus.DEADLINE, "DEADLINE_EXCEEDED", "deadline passed in the queue"
+            )
+            return
+        if rid in self._tasks:
+            self._resolve(
+                t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", f"request_id {rid!r} in use"
+            )
+            return
+        streamer = self._streamer(task.kv_address)
+        try:
+            streamer.add_request(rid, list(task.prompt_token_ids), task.params, task.cache_salt)
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._defer(t)
+                return
+            self._resolve(t, PrefillStatus.REJECTED, e.code().name, f"Reserve: {e.details()}")
+            return
+        except ValueError as e:
+            self._resolve(t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", str(e))
+            return
+        self._owner[rid] = streamer
+        self._tasks[rid] = t
+
+    def _defer(self, t: _Task) -> None:
+        t.retry_wait_s = min(max(2 * t.retry_wait_s, RESERVE_RETRY_FIRST_S), RESERVE_RETRY_MAX_S)
+        t.retry_at_s = time.monotonic() + t.retry_wait_s
+        self._deferred.append(t)
+
+    def _drop_deferred(self, rid: str, reason: str) -> bool:
+        for t in self._deferred:
+            if t.task.request_id == rid:
+                self._deferred.remove(t)
+                self._resolve(t, PrefillStatus.ABORTED, "CANCELLED", reason)
+                return True
+        return False
+
+    def _on_layer_done(self, layer_idx: int) -> None:
+        for s in self._streamers.values():
+            if s.num_in_flight:
+                s.on_layer_done(layer_idx)
+
+    def _step(self) -> None:
+        start_s = time.monotonic()
+        outputs = self.engine.step(on_layer_done=self._on_layer_done)
+        end_s = time.monotonic()
+        end_perf = time.perf_counter()
+        for seq in self.engine.current_batch.seqs:
+            t = self._tasks.get(seq.request_id)
+            if t is not None and t.first_step_s is None:
+                t.first_step_s = start_s
+        for out in outputs:
+            if not out.finished or out.request_id not in self._tasks:
+                continue
+            rid = out.request_id
+            t = self._tasks.pop(rid)
+            streamer = self._owner.pop(rid)
+            outcome = streamer._complete(rid, out.new_token_ids[0], end_perf)
+            first_step_s = t.first_step_s if t.first_step_s is not None else start_s
+            ok = outcome.status is TransferStatus.COMMITTED
+            self._num_done += 1
+            t.future.set_result(
+                PrefillResult(
+                    request_id=rid,
+                    status=PrefillStatus.COMMITTED if ok else PrefillStatus.FAILED,
+                    first_token_id=outcome.first_token_id if ok else None,
+                    num_cached_tokens=out.num_cached_tokens,
+                    queue_s=first_step_s - t.arrival_s,
+                    prefill_s=end_s - first_step_s,
+                    transfer_s=outcome.record.exposed_s,
+                    num_bytes=outcome.record.num_bytes,
+                    code="" if ok else "UNAVAILABLE",
+                    detail=outcome.detail,
+                )
+            )
+        self._publish_load()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for rid, t in list(self._tasks.items()):
+            if now >= t.deadline_s:
+                self._abort_task(
+                    rid, "deadline exceeded on the prefill worker", PrefillStatus.DEADLINE
+                )
+
+    def _abort_task(self, rid: str, reason: str, status: PrefillStatus) -> bool:
+        t = self._tasks.pop(rid, None)
+        streamer = self._owner.pop(rid, None)
+        if t is None or streamer is None:
+            return False
+        streamer.abort(rid, reason)
+        code = "DEADLINE_EXCEEDED" if status is PrefillStatus.DEADLINE else "CANCELLED"
+        self._resolve(t, status, code, reason)
+        return True
+
+    @staticmethod
+    def _resolve(t: _Task, status: PrefillStatus, code: str, detail: str) -> None:
+        t.future.set_result(PrefillResult(t.task.request_id, status, code=code, detail=detail))
+
+    def _publish_load(self) -> None:
+        e = self.engine
+        stats = e.prefix_cache_stats
+        with self._stats_lock:
+            self._num_deferred = len(self._deferred)
+            self._load_snapshot = WorkerLoad(
+                name=self.name,
+                role=WorkerRole.PREFILL,
+                node_id=self.node_id,
+                queue_depth=len(e.scheduler.waiting),  # load() adds the inbox
+                num_running=len(e.scheduler.running),
+                num_free_blocks=e.num_free_blocks,
+                num_total_blocks=e.block_manager.num_blocks,
+                num_cached_blocks=e.block_manager.num_cached_blocks,
+                prefix_hit_tokens=stats.hit_tokens,
+                prefix_queried_tokens=stats.queried_tokens,
+                num_requests_done=self._num_done,
+            )

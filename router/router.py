@@ -1,0 +1,432 @@
+"""The router's core: validate, route, dispatch, relay the token stream, clean up.
+
+A request through the router, in order (disaggregated mode):
+
+  arrival      `generate` validates every field (router/validation.py) and tokenizes, then
+               checks the request id is not in flight and the in-flight limit
+  routing      the policy picks (P, D) from the workers' last reported load, the router's
+               own in-flight counts and the prefix index; the prompt's block hashes are
+               recorded for the chosen workers (router/prefix_index.py)
+  dispatch     D's token stream is opened first (so nothing is missed), then P is asked to
+               prefill and transfer to D's KV-transfer service; P answers once D committed
+  relay        chunks from D become GenerateResponses; the last one carries the finish
+               reason, usage and per-phase timings
+  cleanup      in `finally`: a request that did not finish (client cancelled, deadline,
+               failure) is aborted on P and on D, which frees its blocks on both sides;
+               in-flight counts drop
+
+Local routes (colocated mode, or the conditional policy) skip P: D prefills itself.
+Every wait is bounded by the request's deadline (the client's, capped by
+limits.request_timeout_s); errors surface as `RequestError` with a gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from baton.config import ClusterMode, Limits
+from decode_worker.messages import PrefillStatus, PrefillTask, TokenChunk, WorkerLoad
+from engine.tokenizer import Tokenizer
+from protos import serving_pb2 as pb
+from router.policies import NoWorker, Route, RouteQuery, RoutingPolicy, WorkerView
+from router.prefix_index import PrefixIndex, prompt_block_hashes
+from router.validation import RequestError, UndecodableRequest, ValidatedRequest, validate
+from router.workers import (
+    DecodeClient,
+    PrefillClient,
+    StreamEnded,
+    WorkerUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+ABORT_TIMEOUT_S = 5.0
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+_PREFILL_CODES = {
+    PrefillStatus.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """The router's view of one worker."""
+
+    index: int
+    client: PrefillClient | DecodeClient
+    prefix: PrefixIndex
+    load: WorkerLoad | None = None
+    in_flight: int = 0
+    healthy: bool = True
+    detail: str = ""
+
+    def view(self, prefix_match_tokens: int) -> WorkerView:
+        load = self.load
+        return WorkerView(
+            index=self.index,
+            queue_depth=load.queue_depth if load else 0,
+            num_running=load.num_running if load else 0,
+            in_flight=self.in_flight,
+            num_free_blocks=load.num_free_blocks if load else 0,
+            prefix_match_tokens=prefix_match_tokens,
+            healthy=self.healthy,
+        )
+
+
+@dataclass
+class RouterCounters:
+    requests_total: int = 0
+    requests_failed: int = 0
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One request in flight. Workers know it as `worker_request_id`: the client's id plus
+    a per-attempt suffix, so that a client reusing an id after a cancel is never mistaken
+    for the aborted attempt (decode workers remember aborted ids for a while)."""
+
+    request: ValidatedRequest  # request_id: the client's
+    worker_request_id: str
+    arrival_s: float
+    deadline_s: float
+    route: Route | None = None
+    committed: bool = False
+    finished: bool = False
+    timings: pb.Timings = field(default_factory=pb.Timings)
+
+    def remaining_s(self) -> float:
+        left = self.deadline_s - time.monotonic()
+        if left <= 0:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return left
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        mode: ClusterMode,
+        policy: RoutingPolicy,
+        prefill: Sequence[PrefillClient],
+        decode: Sequence[DecodeClient],
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        max_model_len: int,
+        block_size: int,
+        limits: Limits,
+        prefix_capacity_blocks: int = 1 << 16,
+        load_poll_interval_s: float = 0.1,
+    ) -> None:
+        self.mode = mode
+        self.policy = policy
+        self.prefill = [
+            WorkerSlot(i, c, PrefixIndex(prefix_capacity_blocks)) for i, c in enumerate(prefill)
+        ]
+        self.decode = [
+            WorkerSlot(i, c, PrefixIndex(prefix_capacity_blocks)) for i, c in enumerate(decode)
+        ]
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.limits = limits
+        self.load_poll_interval_s = load_poll_interval_s
+        self.counters = RouterCounters()
+        self._flights: dict[str, _Flight] = {}
+        self._background: set[asyncio.Task] = set()
+        self._poller: asyncio.Task | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.poll_loads()
+        self._poller = asyncio.create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._background:
+            await asyncio.wait(self._background, timeout=ABORT_TIMEOUT_S)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._flights)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.load_poll_interval_s)
+            try:
+                await self.poll_loads()
+            except Exception:  # keep polling; a worker error marks it unhealthy
+                log.exception("load poll failed")
+
+    async def poll_loads(self) -> None:
+        slots = self.prefill + self.decode
+
+        async def one(slot: WorkerSlot) -> None:
+            try:
+                slot.load = await asyncio.wait_for(slot.client.load(), 2.0)
+                slot.healthy, slot.detail = True, "ok"
+            except (TimeoutError, WorkerUnavailable) as e:
+                slot.healthy, slot.detail = False, f"load report failed: {e!r}"
+
+        await asyncio.gather(*(one(s) for s in slots))
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _admit(
+        self, req: pb.GenerateRequest | UndecodableRequest, timeout_s: float | None
+    ) -> _Flight:
+        v = validate(req, self.limits, self.tokenizer, self.vocab_size, self.max_model_len)
+        rid = v.request_id or f"req-{uuid.uuid4().hex}"
+        if rid in self._flights:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request_id {rid!r} is already in flight"
+            )
+        if len(self._flights) >= self.limits.max_in_flight:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self._flights)} requests in flight (cluster.limits.max_in_flight); retry later",
+            )
+        now = time.monotonic()
+        budget = (
+            self.limits.request_timeout_s
+            if timeout_s is None
+            else min(timeout_s, self.limits.request_timeout_s)
+        )
+        flight = _Flight(
+            ValidatedRequest(rid, v.prompt_token_ids, v.params, v.cache_salt),
+            f"{rid}@{uuid.uuid4().hex[:12]}",
+            now,
+            now + budget,
+        )
+        self._flights[rid] = flight
+        return flight
+
+    def _route(self, f: _Flight) -> tuple[WorkerSlot, WorkerSlot | None]:
+        r = f.request
+        hashes = prompt_block_hashes(r.prompt_token_ids, self.block_size, r.cache_salt)
+        bs = self.block_size
+        pviews = [s.view(s.prefix.match_blocks(hashes) * bs) for s in self.prefill]
+        dviews = [s.view(s.prefix.match_blocks(hashes) * bs) for s in self.decode]
+        try:
+            route = self.policy.choose(RouteQuery(len(r.prompt_token_ids)), pviews, dviews)
+        except NoWorker as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from e
+        f.route = route
+        d = self.decode[route.decode]
+        p = self.prefill[route.prefill] if route.prefill is not None else None
+        for slot in (d, p):
+            if slot is not None:
+                slot.in_flight += 1
+                slot.prefix.insert(hashes)
+        return d, p
+
+    async def generate(
+        self, req: pb.GenerateRequest | UndecodableRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Stream responses; raises RequestError. timeout_s: the client's deadline, if any."""
+        self.counters.requests_total += 1
+        try:
+            f = self._admit(req, timeout_s)
+        except RequestError:
+            self.counters.requests_failed += 1
+            raise
+        d: WorkerSlot | None = None
+        p: WorkerSlot | None = None
+        try:
+            d, p = self._route(f)
+            async for resp in self._run(f, d, p):
+                yield resp
+        except RequestError:
+            self.counters.requests_failed += 1
+            raise
+        except TimeoutError:
+            self.counters.requests_failed += 1
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except (WorkerUnavailable, StreamEnded) as e:
+            self.counters.requests_failed += 1
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"worker failed: {e}") from e
+        finally:
+            self._flights.pop(f.request.request_id, None)
+            for slot in (d, p):
+                if slot is not None:
+                    slot.in_flight -= 1
+            if not f.finished and d is not None:
+                self._spawn(self._abort_everywhere(f.worker_request_id, d, p, f.committed))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort_everywhere(
+        self, rid: str, d: WorkerSlot, p: WorkerSlot | None, committed: bool
+    ) -> None:
+        calls = [d.client.abort(rid, "aborted by the router")]
+        if p is not None and not committed:
+            calls.append(p.client.abort(rid, "aborted by the router"))
+        results = await asyncio.gather(
+            *(asyncio.wait_for(c, ABORT_TIMEOUT_S) for c in calls), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("abort of %s not delivered: %r", rid, r)
+
+    async def _run(
+        self, f: _Flight, d: WorkerSlot, p: WorkerSlot | None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        r = f.request
+        wid = f.worker_request_id
+        t = f.timings
+        dclient: DecodeClient = d.client  # type: ignore[assignment]
+        t.decode_worker = dclient.name
+        num_cached = 0
+        if p is None:
+            t.mode = "colocated" if self.mode is ClusterMode.COLOCATED else "decode_local"
+            t.router_ms = (time.monotonic() - f.arrival_s) * 1e3
+            try:
+                await asyncio.wait_for(
+                    dclient.submit_local(wid, r.prompt_token_ids, r.params, r.cache_salt),
+                    f.remaining_s(),
+                )
+            except ValueError as e:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            f.committed = True
+            stream = dclient.open_stream(wid, f.remaining_s())
+        else:
+            pclient: PrefillClient = p.client  # type: ignore[assignment]
+            t.mode = "disaggregated"
+            t.prefill_worker = pclient.name
+            stream = dclient.open_stream(wid, f.remaining_s())
+            task = PrefillTask(
+                wid,
+                r.prompt_token_ids,
+                r.params,
+                r.cache_salt,
+                dclient.kv_address,
+                f.remaining_s(),
+            )
+            t.router_ms = (time.monotonic() - f.arrival_s) * 1e3
+            result = await asyncio.wait_for(pclient.prefill(task), f.remaining_s())
+            if result.status is not PrefillStatus.COMMITTED:
+                code = _PREFILL_CODES.get(result.status) or getattr(
+                    grpc.StatusCode, result.code or "UNAVAILABLE", grpc.StatusCode.UNAVAILABLE
+                )
+                raise RequestError(code, f"prefill on {pclient.name}: {result.detail}")
+            f.committed = True
+            num_cached = result.num_cached_tokens
+            t.prefill_queue_ms = result.queue_s * 1e3
+            t.prefill_ms = result.prefill_s * 1e3
+            t.transfer_ms = result.transfer_s * 1e3
+        first = True
+        while True:
+            chunk = await stream.next(f.remaining_s())
+            resp = self._response(r.request_id, chunk)
+            if first and chunk.token_ids:
+                first = False
+                t.decode_queue_ms = chunk.decode_queue_s * 1e3
+                t.ttft_ms = (time.monotonic() - f.arrival_s) * 1e3
+                if p is None:  # the decode worker's queue and prefill are one phase here
+                    t.prefill_ms, t.decode_queue_ms = t.decode_queue_ms, 0.0
+                t.other_ms = t.ttft_ms - (
+                    t.router_ms
+                    + t.prefill_queue_ms
+                    + t.prefill_ms
+                    + t.transfer_ms
+                    + t.decode_queue_ms
+                )
+            if chunk.error:
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if "deadline" in chunk.error
+                    else grpc.StatusCode.ABORTED
+                )
+                raise RequestError(code, f"decode worker {dclient.name}: {chunk.error}")
+            if chunk.finished:
+                f.finished = True
+                t.total_ms = (time.monotonic() - f.arrival_s) * 1e3
+                resp.usage.CopyFrom(
+                    pb.Usage(
+                        prompt_tokens=chunk.num_prompt_tokens,
+                        completion_tokens=chunk.num_output_tokens,
+                        cached_tokens=num_cached if p is not None else chunk.num_cached_tokens,
+                    )
+                )
+                resp.timings.CopyFrom(t)
+                yield resp
+                return
+            yield resp
+
+    @staticmethod
+    def _response(request_id: str, chunk: TokenChunk) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            request_id=request_id,
+            token_ids=list(chunk.token_ids),
+            text=chunk.text,
+            finish_reason=_FINISH.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+        )
+
+    # ---- health and stats ----------------------------------------------------------------
+
+    async def health(self) -> pb.ServingHealthResponse:
+        async def one(slot: WorkerSlot, role: str) -> pb.WorkerHealth:
+            try:
+                ok, detail = await asyncio.wait_for(slot.client.health(), 2.0)
+            except (TimeoutError, WorkerUnavailable) as e:
+                ok, detail = False, repr(e)
+            return pb.WorkerHealth(name=slot.client.name, role=role, healthy=ok, detail=detail)
+
+        decode_role = "colocated" if self.mode is ClusterMode.COLOCATED else "decode"
+        workers = await asyncio.gather(
+            *(one(s, "prefill") for s in self.prefill), *(one(s, decode_role) for s in self.decode)
+        )
+        serving = any(w.healthy for w in workers if w.role != "prefill") and (
+            not self.prefill or any(w.healthy for w in workers if w.role == "prefill")
+        )
+        return pb.ServingHealthResponse(serving=serving, workers=workers)
+
+    async def stats(self) -> pb.StatsResponse:
+        await self.poll_loads()
+        resp = pb.StatsResponse(
+            mode=self.mode.value,
+            policy=self.policy.name.value,
+            requests_total=self.counters.requests_total,
+            requests_failed=self.counters.requests_failed,
+            requests_in_flight=len(self._flights),
+        )
+        for slot in self.prefill + self.decode:
+            load = slot.load
+            if load is None:
+                resp.workers.add(name=slot.client.name, healthy=False)
+                continue
+            resp.workers.add(
+                name=load.name,
+                role=load.role.value,
+                node_id=load.node_id,
+                queue_depth=load.queue_depth,
+                num_running=load.num_running,
+                num_free_blocks=load.num_free_blocks,
+                num_total_blocks=load.num_total_blocks,
+                num_cached_blocks=load.num_cached_blocks,
+                prefix_hit_rate=load.prefix_hit_rate,
+                prefix_hit_tokens=load.prefix_hit_tokens,
+                prefix_queried_tokens=load.prefix_queried_tokens,
+                num_requests_done=load.num_requests_done,
+                healthy=slot.healthy,
+                kv_address=load.kv_address,
+            )
+        return resp

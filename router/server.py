@@ -1,0 +1,190 @@
+"""The serving API over gRPC (protos/serving.proto): one servicer method per RPC.
+
+`RouterServer` runs a grpc.aio server and the `Router` on one asyncio loop in a thread of
+its own, so the same object serves from `baton serve` (main thread waits for Ctrl-C) and
+from tests (which call it with a blocking client). Reflection is on unless the config says
+otherwise, so `grpcurl` lists and calls the service without the .proto files.
+
+Statuses: validation -> INVALID_ARGUMENT / RESOURCE_EXHAUSTED (router/validation.py);
+a Generate larger than limits.max_request_bytes -> RESOURCE_EXHAUSTED (gRPC's own receive
+limit); missing or wrong API key -> UNAUTHENTICATED; no worker -> UNAVAILABLE; deadline ->
+DEADLINE_EXCEEDED. A client that cancels (or whose deadline passes) cancels the handler,
+and the router's cleanup aborts the request on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import serving_pb2 as pb
+from router.router import Router
+from router.validation import RequestError, deserialize_generate
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "baton.v1.Serving"
+AUTH_METADATA_KEY = "authorization"  # value: "Bearer <token>"
+
+
+class ServingServicer:
+    def __init__(self, router: Router, auth_token: str | None) -> None:
+        self.router = router
+        self._token = auth_token.encode() if auth_token else None
+
+    async def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
+        if self._token is None:
+            return
+        presented = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == AUTH_METADATA_KEY:
+                presented = value.removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), self._token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+        await self._check_auth(context)
+        timeout_s = context.time_remaining()
+        gen = self.router.generate(request, timeout_s)
+        try:
+            async with contextlib.aclosing(gen):
+                async for resp in gen:
+                    await context.write(resp)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+
+    async def Health(self, request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+        await self._check_auth(context)
+        return await self.router.health()
+
+    async def Stats(self, request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN201, N802
+        await self._check_auth(context)
+        return await self.router.stats()
+
+
+def _handlers(servicer: ServingServicer) -> grpc.GenericRpcHandler:
+    # As the generated add_ServingServicer_to_server, but Generate's deserializer never
+    # raises (bad UTF-8 must be INVALID_ARGUMENT naming the field, not INTERNAL).
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                servicer.Generate,
+                request_deserializer=deserialize_generate,
+                response_serializer=pb.GenerateResponse.SerializeToString,
+            ),
+            "Health": grpc.unary_unary_rpc_method_handler(
+                servicer.Health,
+                request_deserializer=pb.ServingHealthRequest.FromString,
+                response_serializer=pb.ServingHealthResponse.SerializeToString,
+            ),
+            "Stats": grpc.unary_unary_rpc_method_handler(
+                servicer.Stats,
+                request_deserializer=pb.StatsRequest.FromString,
+                response_serializer=pb.StatsResponse.SerializeToString,
+            ),
+        },
+    )
+
+
+class RouterServer:
+    """The router and its gRPC server on a private event loop thread."""
+
+    def __init__(
+        self,
+        router_factory: Callable[[], Router],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        auth_token: str | None = None,
+        max_request_bytes: int = 1 << 20,
+        reflection_on: bool = True,
+    ) -> None:
+        self._factory = router_factory
+        self.host = host
+        self._want_port = port
+        self._token = auth_token
+        self._max_request_bytes = max_request_bytes
+        self._reflection = reflection_on
+        self.port = 0
+        self.router: Router | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        ready: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._serve(ready))
+            except BaseException as e:  # report start-up failures to start()
+                if not ready.done():
+                    ready.set_exception(e)
+                else:
+                    log.exception("router loop ended with an error")
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="baton-router", daemon=True)
+        self._thread.start()
+        return ready.result(timeout_s)
+
+    async def _serve(self, ready: concurrent.futures.Future[str]) -> None:
+        self._stopped = asyncio.Event()
+        self.router = self._factory()
+        await self.router.start()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self._max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        server.add_generic_rpc_handlers((_handlers(ServingServicer(self.router, self._token)),))
+        if self._reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{self.host}:{self._want_port}")
+        if self.port == 0:
+            raise ValueError(f"could not bind the router to {self.host}:{self._want_port}")
+        await server.start()
+        self._server = server
+        ready.set_result(self.address)
+        await self._stopped.wait()
+
+    def call(
+        self, coro_fn: Callable[[Router], Awaitable[object]], timeout_s: float = 30.0
+    ) -> object:
+        """Run a coroutine on the router's loop from another thread (tests, CLI)."""
+        assert self._loop is not None and self.router is not None
+        return asyncio.run_coroutine_threadsafe(coro_fn(self.router), self._loop).result(timeout_s)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Stop taking requests, let running ones finish for grace_s, then stop the loop."""
+        if self._loop is None or self._thread is None:
+            return
+
+        async def shutdown() -> None:
+            if self._server is not None:
+                await self._server.stop(grace_s)
+            if self.router is not None:
+                await self.router.stop()
+            assert self._stopped is not None
+            self._stopped.set()
+
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(grace_s + 10.0)
+        self._thread.join(grace_s + 10.0)
