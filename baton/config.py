@@ -160,6 +160,7 @@ class ClusterConfig:
     placement: Placement = Placement.NONE
     cpu_threads_per_worker: int = 1  # torch threads of a CPU worker
     ready_timeout_s: float = 300.0  # workers must load their model within this
+    max_restarts: int = 3  # times Ray restarts a dead worker (-1: without limit); it rejoins
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     kv_transfer: KVTransferSettings = field(default_factory=KVTransferSettings)
@@ -178,6 +179,10 @@ class ClusterConfig:
             raise ValueError("cluster.gpus_per_worker must be >= 0")
         if self.cpu_threads_per_worker < 1:
             raise ValueError("cluster.cpu_threads_per_worker must be >= 1")
+        if self.max_restarts < -1:
+            raise ValueError(
+                f"cluster.max_restarts must be >= 0, or -1 for no limit, got {self.max_restarts}"
+            )
         if self.placement is Placement.PACK and disagg and self.num_prefill != self.num_decode:
             raise ValueError(
                 f"cluster.placement: pack pairs prefill and decode workers one to one; "

@@ -5,6 +5,13 @@
                          has loaded its model, then starts the router's gRPC server
     Cluster.stop()       drains the router (running requests finish within the grace
                          period), stops the workers, removes the placement groups
+    Cluster.restart_router()  a new router over the same workers (its requests in flight
+                         fail; the workers keep running and abort them)
+
+Workers are restarted by Ray when their process dies (`cluster.max_restarts`; calls are not
+retried, `max_task_retries=0`: the router retries whole requests), re-initialise (a decode
+worker's KV-transfer service gets a new port) and rejoin the router's pool through its
+load poll.
 
 Ray must be initialised by the caller (`baton serve` does it: local, or `--address`).
 Worker actors get `num_cpus=0` (a CPU-only machine is not partitioned by Ray's CPU count;
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +83,7 @@ class Cluster:
     decode_actors: list[ray.actor.ActorHandle]
     server: object  # router.server.RouterServer
     placement_groups: list[PlacementGroup] = field(default_factory=list)
+    make_server: Callable[[], object] | None = None  # a new RouterServer over these workers
 
     @property
     def address(self) -> str:
@@ -83,6 +92,16 @@ class Cluster:
     @property
     def actors(self) -> list[ray.actor.ActorHandle]:
         return self.prefill_actors + self.decode_actors
+
+    def restart_router(self, grace_s: float = 0.0) -> str:
+        """Stop the router (requests still running after grace_s fail) and start a new one
+        over the same worker actors; returns its address (the configured port, or a new one
+        the OS picked)."""
+        assert self.make_server is not None
+        self.server.stop(grace_s)  # type: ignore[attr-defined]
+        self.server = self.make_server()
+        self.server.start()  # type: ignore[attr-defined]
+        return self.address
 
     def stop(self, grace_s: float = 5.0) -> None:
         self.server.stop(grace_s)  # type: ignore[attr-defined]
@@ -143,8 +162,13 @@ def _placements(cfg: BatonConfig) -> tuple[list[PlacementGroup], list[dict], lis
     return pgs, p_opts, d_opts
 
 
-def launch(cfg: BatonConfig) -> Cluster:
-    """Place the workers, wait for them, start the router. Ray must be initialised."""
+def launch(
+    cfg: BatonConfig, *, prefill_transport_factories: Mapping[int, Callable] | None = None
+) -> Cluster:
+    """Place the workers, wait for them, start the router. Ray must be initialised.
+
+    prefill_transport_factories: prefill worker index -> its KV transport factory instead of
+    `make_transport` (fault injection in tests: prefill_worker/faults.py)."""
     from decode_worker.actor import DecodeActor
     from decode_worker.worker import KVServiceSpec
     from engine.tokenizer import load_tokenizer
@@ -170,7 +194,11 @@ def launch(cfg: BatonConfig) -> Cluster:
     model_path = str(cfg.model_path) if cfg.model_path else None
     kv = c.kv_transfer
     token = kv.auth_token or secrets.token_hex(16)
-    common = {"num_gpus": c.gpus_per_worker}
+    common = {
+        "num_gpus": c.gpus_per_worker,
+        "max_restarts": c.max_restarts,
+        "max_task_retries": 0,  # the router retries whole requests, never single calls
+    }
     if c.gpus_per_worker:
         common["runtime_env"] = {"env_vars": {NOSET_CUDA_ENV: "1"}}
     disagg = c.mode is ClusterMode.DISAGGREGATED
@@ -182,6 +210,7 @@ def launch(cfg: BatonConfig) -> Cluster:
             kv.transport.value,
             kv.lease_s,
             kv.finish_timeout_s,
+            (prefill_transport_factories or {}).get(i),
         )
         for i in range(c.num_prefill_workers)
     ]
@@ -224,15 +253,18 @@ def launch(cfg: BatonConfig) -> Cluster:
             load_poll_interval_s=c.router.load_poll_interval_s,
         )
 
-    server = RouterServer(
-        make_router,
-        host=c.router.host,
-        port=c.router.port,
-        auth_token=c.router.auth_token,
-        max_request_bytes=c.limits.max_request_bytes,
-        reflection_on=c.router.reflection,
-    )
-    cluster = Cluster(cfg, prefill_actors, decode_actors, server, pgs)
+    def make_server() -> RouterServer:
+        return RouterServer(
+            make_router,
+            host=c.router.host,
+            port=c.router.port,
+            auth_token=c.router.auth_token,
+            max_request_bytes=c.limits.max_request_bytes,
+            reflection_on=c.router.reflection,
+        )
+
+    cluster = Cluster(cfg, prefill_actors, decode_actors, make_server(), pgs, make_server)
+    server = cluster.server
     try:
         server.start()
     except Exception:

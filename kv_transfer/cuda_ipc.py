@@ -1,25 +1,35 @@
-"""The same-host GPU path: peer copies straight into the decode pool, opened by CUDA IPC.
+"""The same-host GPU path: copies straight into the decode pool, opened by CUDA IPC.
 
-Handshake (once per (prefill, decode) pair, over gRPC `OpenPool`): the decode side exports
-its whole pool tensor with `torch.multiprocessing.reductions.reduce_tensor` and sends the
-rebuild arguments field by field in a `PoolHandle` (ints, bytes, an allowlisted class name:
-nothing is unpickled). The prefill side rebuilds the tensor; it lives on the decode GPU.
+Handshake (once per (prefill pool, decode service) pair, over gRPC `OpenPool`): the decode
+side exports its whole pool tensor with `torch.multiprocessing.reductions.reduce_tensor` and
+sends the rebuild arguments field by field in a `PoolHandle` (ints, bytes, an allowlisted
+class name: nothing is unpickled). The prefill side maps it once (`CudaIpcTransport.connect`)
+and keeps the mapped tensor for the transport's life. CUDA maps IPC memory into the context
+of the device that owns it (the decode GPU, say cuda:1), so every copy is *pulled*: issued
+on a stream of the decode GPU, whose copy engine reads the prefill pool over peer access
+(enabled once from the decode GPU to the prefill GPU at connect) and writes its own memory.
+(A copy kernel on the prefill GPU storing into the mapping, as an earlier version tried,
+touches an address that GPU has no mapping for: "illegal memory access".)
 
-Per request, after Reserve (which names the decode block ids), each `send_layer` runs on a
-side stream that waits on an event recorded on the compute stream, so layer i moves while
-layer i+1 computes:
+Per request, after Reserve (which names the decode block ids), each `send_layer`:
 
-    remote[layer, :, d:d+k] <- local[layer, :, s:s+k]    one peer copy per run of blocks
-                                                          contiguous on both sides
+    prefill GPU   compute stream ──record(ready)── layer i+1 ...
+                                      │
+    decode GPU    copy stream    wait(ready) ─ one cudaMemcpy2DAsync per run of blocks
+                                               contiguous on both sides: rows = (layer, K/V)
+    prefill GPU   digest stream  wait(ready) ─ weighted sums of the sent blocks' words
 
-then `finish` waits for the side stream and Commit goes out over gRPC.
+so layer i moves while layer i+1 computes; `finish` waits until both streams passed their
+last work (events), and only then does Commit go out. `abort` waits for the copies already
+queued before it returns, so neither side frees blocks that a copy still reads or writes.
 
-Integrity on this path: both pools' layouts are checked at the handshake, Reserve names the
-exact destination blocks, and Commit carries one digest per layer (the int64 sum of the
-sent blocks' 16-bit words), which the decode side recomputes over what landed. A full
-xxh3 of the bytes would need them on the host, which costs more than the copy; the digest
-costs one read of the bytes at HBM speed, on a second stream beside the copies, and catches
-missing, misplaced or partial copies (not a deliberate forgery: the token covers that).
+Integrity: both pools' layouts are checked at the handshake, Reserve names the exact
+destination blocks, and Commit carries one digest per layer, which the decode side
+recomputes over what landed: the sum over the request's sent blocks i (table index) and
+halves h (K=0, V=1) of (2i + h + 1) * (sum of the half-block's 16-bit words), in int64 (it
+wraps identically on both sides). Weights make a swapped or misplaced block count, not just
+a missing one. A full xxh3 would need the bytes on the host, which costs more than the copy;
+the digest is one read of the bytes at HBM speed, beside the copies.
 
 Processes must see the same GPU numbering: under Ray set
 RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 and `torch.cuda.set_device` per actor.
@@ -27,10 +37,10 @@ RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1 and `torch.cuda.set_device` per ac
 
 from __future__ import annotations
 
-import enum
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +49,7 @@ import torch
 
 from engine.kv_pool import KVPool
 from kv_transfer.client import KVTransferClient, RemoteReservation
+from kv_transfer.cuda_runtime import CudaRuntime, CudaRuntimeUnavailable, cuda_runtime
 from kv_transfer.transport import (
     KVTransport,
     SentBytes,
@@ -46,8 +57,10 @@ from kv_transfer.transport import (
     TransferSession,
     TransportKind,
 )
-from kv_transfer.wire import KVLayout, dtype_from_pb, dtype_to_pb
+from kv_transfer.wire import KVLayout, block_runs, dtype_from_pb, dtype_to_pb
 from protos import kv_transfer_pb2 as pb
+
+_SPIN_S = 0.002  # finish spins this long before sleeping between polls (a copy: 0.3-3 ms)
 
 
 class GpuPathUnavailable(Exception):
@@ -131,12 +144,96 @@ def open_pool(h: pb.PoolHandle) -> torch.Tensor:
     )
 
 
-def layer_digests(cache_tensor: torch.Tensor, block_ids: Sequence[int]) -> list[int]:
-    """Per layer, the int64 sum of the 16-bit words of K and V of block_ids."""
-    ids = torch.as_tensor(list(block_ids), dtype=torch.long, device=cache_tensor.device)
-    blocks = cache_tensor.index_select(2, ids)  # [L, 2, n, bs, Hkv, D]
-    words = blocks.reshape(blocks.shape[0], -1).view(torch.int16)
-    return words.sum(dim=1, dtype=torch.int64).tolist()
+def layer_digests(
+    cache_tensor: torch.Tensor, layers: range, block_ids: Sequence[int], first_index: int
+) -> torch.Tensor:
+    """Digest per layer in `layers` of the blocks block_ids, which sit at table indices
+    first_index, first_index + 1, ...: int64 [len(layers)] on the pool's device.
+
+    Runs on the current stream; reads the pool in place (one strided view per run of
+    consecutive ids), no copy of the blocks.
+    """
+    out = torch.zeros(len(layers), dtype=torch.int64, device=cache_tensor.device)
+    i = first_index
+    for start, n in block_runs(block_ids):
+        words = cache_tensor[layers.start : layers.stop, :, start : start + n].view(torch.int16)
+        sums = words.sum(dim=(3, 4, 5), dtype=torch.int64)  # [l, 2, n]
+        idx = torch.arange(i, i + n, dtype=torch.int64, device=out.device)
+        weights = 2 * idx[None, :] + torch.arange(2, device=out.device)[:, None] + 1  # [2, n]
+        out += (sums * weights).sum(dim=(1, 2))
+        i += n
+    return out
+
+
+@dataclass(frozen=True)
+class PitchedCopy:
+    """One cudaMemcpy2DAsync: `height` rows of `width` bytes, row r at offset + r * pitch."""
+
+    src_offset: int  # bytes from the start of the local (prefill) pool
+    src_pitch: int
+    dst_offset: int  # bytes from the start of the remote (decode) pool
+    dst_pitch: int
+    width: int
+    height: int
+
+
+def plan_copies(
+    layers: range,
+    runs: Sequence[tuple[int, int, int]],
+    local_num_blocks: int,
+    remote_num_blocks: int,
+    half_block_bytes: int,
+    max_pitch: int,
+) -> list[PitchedCopy]:
+    """The copies that move `runs` (src_start, dst_start, length) of every layer in `layers`.
+
+    Pool layout [L, 2, N, bs, Hkv, D], C order: the K (or V) rows of k consecutive blocks of
+    one layer are k * half_block_bytes contiguous bytes, and the (layer, half) pairs follow
+    each other N * half_block_bytes apart:
+
+        row (l, h) of run (s, d, k):  src  (2l + h) * N_local  * half + s * half
+                                      dst  (2l + h) * N_remote * half + d * half
+
+    so a run over layers [l0, l1) is one pitched copy of 2 * (l1 - l0) rows. If a pitch is
+    above the device's limit (pools of about 2 GB per (layer, half)), one copy per row.
+    """
+    src_pitch = local_num_blocks * half_block_bytes
+    dst_pitch = remote_num_blocks * half_block_bytes
+    first_row, num_rows = 2 * layers.start, 2 * len(layers)
+    copies = []
+    for s, d, k in runs:
+        if src_pitch <= max_pitch and dst_pitch <= max_pitch:
+            rows = [(first_row, num_rows)]
+        else:
+            rows = [(r, 1) for r in range(first_row, first_row + num_rows)]
+        for row, height in rows:
+            copies.append(
+                PitchedCopy(
+                    src_offset=row * src_pitch + s * half_block_bytes,
+                    src_pitch=src_pitch,
+                    dst_offset=row * dst_pitch + d * half_block_bytes,
+                    dst_pitch=dst_pitch,
+                    width=k * half_block_bytes,
+                    height=height,
+                )
+            )
+    return copies
+
+
+def issue_copies(
+    runtime: CudaRuntime, copies: Sequence[PitchedCopy], src_base: int, dst_base: int, stream: int
+) -> None:
+    """Queue `copies` between two pools whose first bytes are at src_base and dst_base."""
+    for c in copies:
+        runtime.memcpy_2d_async(
+            dst_base + c.dst_offset,
+            c.dst_pitch,
+            src_base + c.src_offset,
+            c.src_pitch,
+            c.width,
+            c.height,
+            stream,
+        )
 
 
 def contiguous_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -150,43 +247,33 @@ def contiguous_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, i
     return runs
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """The same bytes as 8-byte words when the rows allow it: fewer, wider P2P stores."""
-    if (t.shape[-1] * t.element_size()) % 8 == 0:
-        return t.view(torch.int64)
-    return t
-
-
-class CopyMode(enum.Enum):
-    # K and V of each layer as one contiguous cudaMemcpyAsync per run (copy engines; the
-    # way shared/gpu/README.md measured at the full link). The default.
-    MEMCPY = "memcpy"
-    # One strided copy kernel per run, launched on the prefill GPU and storing into the
-    # IPC-mapped pool over P2P. On 2 x H200 (first GPU run) it hit "illegal memory access":
-    # the IPC mapping is not usable from another device's kernels without peer access set
-    # up for it. Kept to be measured once fixed; never picked by default.
-    KERNEL = "kernel"
-
-
 class CudaIpcTransport(KVTransport):
     kind = TransportKind.CUDA_IPC
     rpc_transport = pb.TRANSPORT_CUDA_IPC
 
     def __init__(
-        self, client: KVTransferClient, pool: KVPool, remote: torch.Tensor, mode: CopyMode
+        self, client: KVTransferClient, pool: KVPool, remote: torch.Tensor, runtime: CudaRuntime
     ) -> None:
-        assert remote.shape[0] == pool.num_layers and remote.shape[3:] == pool.cache.shape[3:]
+        """remote: the decode pool as mapped here; it must stay referenced (the mapping lives
+        as long as the tensor's storage)."""
+        assert remote.dtype == pool.dtype and remote.is_contiguous()
+        assert remote.shape[:2] == pool.cache.shape[:2] and remote.shape[3:] == pool.cache.shape[3:]
         self.client = client
         self.pool = pool
         self.remote = remote  # [L, 2, remote_blocks, bs, Hkv, D] on the decode GPU
-        self.mode = mode
-        self.copy_stream = torch.cuda.Stream(pool.device)
-        self.digest_stream = torch.cuda.Stream(pool.device)
+        self.runtime = runtime
+        self.local_device = pool.cache.device
+        self.remote_device = remote.device
+        self.half_block_bytes = pool.layer_block_bytes // 2
+        with torch.cuda.device(self.remote_device):
+            if self.remote_device != self.local_device:
+                runtime.enable_peer_access(self.local_device.index)
+            self.max_pitch = runtime.max_pitch(self.remote_device.index)
+        self.copy_stream = torch.cuda.Stream(self.remote_device)  # copies are pulled
+        self.digest_stream = torch.cuda.Stream(self.local_device)
 
     @classmethod
-    def connect(
-        cls, client: KVTransferClient, pool: KVPool, mode: CopyMode = CopyMode.MEMCPY
-    ) -> CudaIpcTransport:
+    def connect(cls, client: KVTransferClient, pool: KVPool) -> CudaIpcTransport:
         if pool.device.type != "cuda":
             raise GpuPathUnavailable("the local KV pool is not on a GPU")
         try:
@@ -197,17 +284,51 @@ class CudaIpcTransport(KVTransport):
             remote = open_pool(handle)
         except RuntimeError as e:  # CUDA refused the handle (other host, no P2P)
             raise GpuPathUnavailable(f"cannot open the remote pool: {e}") from e
-        return cls(client, pool, remote, mode)
+        try:
+            runtime = cuda_runtime()
+        except CudaRuntimeUnavailable as e:
+            raise GpuPathUnavailable(str(e)) from e
+        local, peer = pool.device.index, remote.device.index
+        if local != peer and not torch.cuda.can_device_access_peer(peer, local):
+            raise GpuPathUnavailable(f"cuda:{peer} cannot reach cuda:{local} peer to peer")
+        return cls(client, pool, remote, runtime)
 
     def open(self, reservation: RemoteReservation) -> TransferSession:
         return _IpcSession(self, reservation)
+
+    def enqueue_copies(
+        self, layers: range, local_block_ids: Sequence[int], remote_block_ids: Sequence[int]
+    ) -> int:
+        """Queue the copies on copy_stream (the caller made it wait for the data); returns
+        how many calls were made. Cost: one cudaMemcpy2DAsync per run of blocks."""
+        runs = contiguous_runs(local_block_ids, remote_block_ids)
+        copies = plan_copies(
+            layers,
+            runs,
+            self.pool.num_blocks,
+            self.remote.shape[2],
+            self.half_block_bytes,
+            self.max_pitch,
+        )
+        with torch.cuda.device(self.remote_device):
+            issue_copies(
+                self.runtime,
+                copies,
+                self.pool.cache.data_ptr(),
+                self.remote.data_ptr(),
+                self.copy_stream.cuda_stream,
+            )
+        return len(copies)
 
 
 class _IpcSession(TransferSession):
     def __init__(self, transport: CudaIpcTransport, reservation: RemoteReservation) -> None:
         self._t = transport
         self._dst = reservation.block_ids
-        self._digests: dict[int, torch.Tensor] = {}  # layer -> int64 scalar on the local GPU
+        with torch.cuda.stream(transport.digest_stream):  # allocated for the digest stream
+            self._digests = torch.zeros(
+                transport.pool.num_layers, dtype=torch.int64, device=transport.local_device
+            )
         self._num_bytes = 0
         self._num_copies = 0
         self._first_send_s = 0.0
@@ -218,65 +339,53 @@ class _IpcSession(TransferSession):
         return self._t.pool.num_layers
 
     def send_layer(self, layer_idx: int, first_block: int, local_block_ids: Sequence[int]) -> None:
-        self._send(slice(layer_idx, layer_idx + 1), first_block, local_block_ids)
+        self._send(range(layer_idx, layer_idx + 1), first_block, local_block_ids)
 
     def send_all_layers(self, first_block: int, local_block_ids: Sequence[int]) -> None:
-        self._send(slice(0, self.num_layers), first_block, local_block_ids)
+        self._send(range(self.num_layers), first_block, local_block_ids)
 
-    def _send(self, layers: slice, first_block: int, local_block_ids: Sequence[int]) -> None:
-        """Copy blocks of layers [layers] on the side stream, once the compute stream got here.
-
-        Cost: per run of blocks contiguous on both sides, one copy kernel over P2P (KERNEL,
-        viewed as 8-byte words) or two cudaMemcpyPeerAsync per layer (MEMCPY), plus one
-        reduction for the digest on the second stream.
-        """
+    def _send(self, layers: range, first_block: int, local_block_ids: Sequence[int]) -> None:
+        """Copy and digest blocks of `layers`, behind the work queued so far on the caller's
+        current stream of the prefill GPU (the compute that wrote them)."""
         t = self._t
+        if self._aborted:
+            raise TransferError("send on an aborted session")
         if not self._num_copies:
             self._first_send_s = time.perf_counter()
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(t.pool.device))
+        ready.record(torch.cuda.current_stream(t.local_device))
         dst = self._dst[first_block : first_block + len(local_block_ids)]
-        runs = contiguous_runs(local_block_ids, dst)
-        local = t.pool.cache[layers]  # [l, 2, blocks, bs, Hkv, D]
-        remote = t.remote[layers]
         t.copy_stream.wait_event(ready)
-        with torch.cuda.stream(t.copy_stream):
-            for s, d, k in runs:
-                if t.mode is CopyMode.KERNEL:
-                    _words(remote[:, :, d : d + k]).copy_(_words(local[:, :, s : s + k]))
-                    self._num_copies += 1
-                else:
-                    for i in range(local.shape[0]):
-                        for kv in (0, 1):
-                            remote[i, kv, d : d + k].copy_(local[i, kv, s : s + k])
-                            self._num_copies += 1
+        self._num_copies += t.enqueue_copies(layers, local_block_ids, dst)
         t.digest_stream.wait_event(ready)
         with torch.cuda.stream(t.digest_stream):
-            sums = None
-            for s, _, k in runs:
-                words = local[:, :, s : s + k].view(torch.int16)
-                part = words.sum(dim=(1, 2, 3, 4, 5), dtype=torch.int64)  # [l]
-                sums = part if sums is None else sums + part
-            if sums is not None:
-                for i, layer_idx in enumerate(range(*layers.indices(t.pool.num_layers))):
-                    prev = self._digests.get(layer_idx)
-                    self._digests[layer_idx] = sums[i] if prev is None else prev + sums[i]
-        self._num_bytes += len(local_block_ids) * t.pool.layer_block_bytes * local.shape[0]
+            sums = layer_digests(t.pool.cache, layers, local_block_ids, first_block)
+            self._digests[layers.start : layers.stop] += sums
+        self._num_bytes += len(local_block_ids) * t.pool.layer_block_bytes * len(layers)
+
+    def _record_done(self) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        copied, digested = torch.cuda.Event(), torch.cuda.Event()
+        copied.record(self._t.copy_stream)
+        digested.record(self._t.digest_stream)
+        return copied, digested
 
     def finish(self, timeout_s: float) -> SentBytes:
-        t = self._t
-        done = torch.cuda.Event()
-        done.record(t.copy_stream)
-        digested = torch.cuda.Event()
-        digested.record(t.digest_stream)
-        deadline_s = time.monotonic() + timeout_s
-        while not (done.query() and digested.query()):
-            if self._aborted or time.monotonic() > deadline_s:
+        copied, digested = self._record_done()
+        start_s = time.monotonic()
+        while not (copied.query() and digested.query()):  # a polling wait that can time out
+            waited_s = time.monotonic() - start_s
+            if waited_s > timeout_s:
+                # The copies cannot be recalled; the caller aborts the reservation.
                 raise TransferError(f"GPU copy not done after {timeout_s:.1f} s")
-            time.sleep(20e-6)
-        layers = sorted(self._digests)
-        digests = torch.stack([self._digests[i] for i in layers]).tolist() if layers else []
+            if waited_s > _SPIN_S:
+                time.sleep(50e-6)
+        with torch.cuda.stream(self._t.digest_stream):
+            digests = self._digests.tolist()
         return SentBytes(self._num_bytes, self._num_copies, self._first_send_s, tuple(digests))
 
     def abort(self) -> None:
+        """Stop; returns once the copies already queued are done (see the module doc)."""
         self._aborted = True
+        copied, digested = self._record_done()
+        copied.synchronize()
+        digested.synchronize()

@@ -27,8 +27,10 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from kv_transfer import cuda_ipc
+from kv_transfer.chunk_writer import CHUNK_ERROR_CODES, ChunkWriter
 from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
 from kv_transfer.metrics import TransferCounters
 from kv_transfer.sink import KVSink, ReserveSpec, SinkFull
@@ -36,9 +38,7 @@ from kv_transfer.wire import (
     DEFAULT_CHUNK_BYTES,
     TOKEN_METADATA_KEY,
     ChunkError,
-    ChunkErrorKind,
     KVLayout,
-    decode_chunk,
     sampling_from_pb,
     split_chunk,
 )
@@ -48,15 +48,6 @@ from protos import kv_transfer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MESSAGE_OVERHEAD_BYTES = 64 * 2**10  # headers of a chunk beyond its data
-
-_CHUNK_ERROR_CODES = {
-    ChunkErrorKind.BAD_LAYOUT: grpc.StatusCode.INVALID_ARGUMENT,
-    ChunkErrorKind.BAD_RANGE: grpc.StatusCode.INVALID_ARGUMENT,
-    ChunkErrorKind.BAD_SIZE: grpc.StatusCode.INVALID_ARGUMENT,
-    ChunkErrorKind.BAD_CHECKSUM: grpc.StatusCode.DATA_LOSS,
-    ChunkErrorKind.BAD_MESSAGE: grpc.StatusCode.INVALID_ARGUMENT,
-    ChunkErrorKind.UNKNOWN_RESERVATION: grpc.StatusCode.NOT_FOUND,
-}
 
 
 @dataclass(frozen=True)
@@ -201,6 +192,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         )
 
     def StreamChunks(self, request_iterator, context: grpc.ServicerContext):  # noqa: N802
+        """Receive on this thread, check and write on the stream's `_ChunkWriter`."""
         stream = _StreamState()
 
         def on_rpc_done() -> None:
@@ -210,51 +202,45 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                     self.fail_lease(lease, "chunk stream broke off")
 
         context.add_callback(on_rpc_done)
-        layout = self.sink.layout
-        for message in request_iterator:  # serialized KVChunks (no deserializer: see below)
-            try:
-                received = split_chunk(message)
-            except ChunkError as e:
-                self.counters.add("chunks_rejected")
-                if stream.lease is not None:
-                    with stream.lease.lock:
-                        self.fail_lease(stream.lease, str(e))
-                context.abort(_CHUNK_ERROR_CODES[e.kind], str(e))
-            chunk = received.header
-            lease = stream.lease
-            if lease is None:
+        writer: ChunkWriter | None = None
+        try:
+            for message in request_iterator:  # serialized KVChunks (see _add_servicer)
+                if writer is not None and writer.failure is not None:
+                    break
                 try:
-                    lease = stream.lease = self.leases.get(chunk.request_id, chunk.epoch)
-                except LeaseNotFound as e:
-                    self.counters.add("chunks_rejected")
-                    context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
-            elif (chunk.request_id, chunk.epoch) != (lease.request_id, lease.epoch):
-                with lease.lock:
-                    self.fail_lease(lease, "stream mixed two reservations")
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "one chunk stream carries one reservation"
-                )
-            with lease.lock:
-                if lease.state is not LeaseState.ACTIVE:
-                    self.counters.add("chunks_rejected")
-                    context.abort(
-                        grpc.StatusCode.NOT_FOUND,
-                        f"reservation {lease.request_id!r} is {lease.state.value}",
-                    )
-                try:
-                    got = decode_chunk(
-                        received, layout, len(lease.block_ids), lease.num_cached_blocks
-                    )
+                    received = split_chunk(message)
                 except ChunkError as e:
                     self.counters.add("chunks_rejected")
-                    self.fail_lease(lease, str(e))
-                    context.abort(_CHUNK_ERROR_CODES[e.kind], str(e))
-                ids = lease.block_ids[got.first_block : got.first_block + got.num_blocks]
-                self.sink.write_blocks(got.layer_idx, ids, got.kv)
-                lease.mark_received(got.layer_idx, got.first_block, got.num_blocks)
-                lease.num_bytes_received += len(received.data)
-            stream.num_chunks += 1
-            stream.num_bytes += len(received.data)
+                    if stream.lease is not None:
+                        with stream.lease.lock:
+                            self.fail_lease(stream.lease, str(e))
+                    context.abort(CHUNK_ERROR_CODES[e.kind], str(e))
+                chunk = received.header
+                if stream.lease is None:
+                    try:
+                        stream.lease = self.leases.get(chunk.request_id, chunk.epoch)
+                    except LeaseNotFound as e:
+                        self.counters.add("chunks_rejected")
+                        context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+                    writer = ChunkWriter(stream.lease, self.sink, self.counters, self.fail_lease)
+                elif (chunk.request_id, chunk.epoch) != (
+                    stream.lease.request_id,
+                    stream.lease.epoch,
+                ):
+                    with stream.lease.lock:
+                        self.fail_lease(stream.lease, "stream mixed two reservations")
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "one chunk stream carries one reservation"
+                    )
+                assert writer is not None
+                writer.put(received)  # blocks while the writer is WRITE_AHEAD_CHUNKS behind
+                stream.num_chunks += 1
+                stream.num_bytes += len(received.data)
+        finally:
+            if writer is not None:
+                writer.close()  # every chunk handed over is written (or dropped after a failure)
+        if writer is not None and writer.failure is not None:
+            context.abort(*writer.failure)
         stream.ended_ok = True
         self.counters.add("bytes_received", stream.num_bytes)
         return pb.StreamSummary(num_chunks=stream.num_chunks, num_bytes=stream.num_bytes)
@@ -301,9 +287,20 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         if len(request.layer_digests) != lease.num_layers:
             return f"{len(request.layer_digests)} layer digests, expected {lease.num_layers}"
         ids = lease.block_ids[lease.num_cached_blocks :]
-        landed = cuda_ipc.layer_digests(self.sink.pool_tensor(), ids)
+        pool = self.sink.pool_tensor()
+        layers = range(lease.num_layers)
+        if pool.device.type == "cuda":  # beside the engine's stream, not behind its steps
+            with torch.cuda.stream(torch.cuda.Stream(pool.device)):
+                landed = cuda_ipc.layer_digests(pool, layers, ids, lease.num_cached_blocks)
+                landed_list = landed.tolist()
+        else:
+            landed_list = cuda_ipc.layer_digests(
+                pool, layers, ids, lease.num_cached_blocks
+            ).tolist()
         bad = [
-            i for i, (a, b) in enumerate(zip(landed, request.layer_digests, strict=True)) if a != b
+            i
+            for i, (a, b) in enumerate(zip(landed_list, request.layer_digests, strict=True))
+            if a != b
         ]
         return f"GPU copy digest mismatch on layers {bad}" if bad else ""
 

@@ -186,7 +186,7 @@ class KVLayout:
 
     @property
     def element_size(self) -> int:
-        return torch.tensor([], dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def layer_block_bytes(self) -> int:

@@ -1,18 +1,19 @@
 """KV-transfer benchmark: each path against a baseline measured in the same run.
 
-  --cpu   gRPC path moving 256 MB of llama3-8b-shaped KV (bf16) over loopback, against a
-          bare gRPC byte stream of the same bytes in 4 MiB messages (same process, same
-          message size). Figure: kv.grpc_vs_bare_stream.
-  --gpu   (2 GPUs) same-host CUDA IPC path, llama3-8b shape, 1k and 4k tokens, against a
-          plain GPU0 -> GPU1 copy of the same bytes; copy modes kernel and memcpy, whole
-          request at once and layer by layer. Figures: kv.gpu_path_vs_peer_copy_{1k,4k}.
-          Then a 2k-token prefill on GPU0 (random bf16 weights) with layer-wise streaming
-          to GPU1: exposed time / prefill time. Figure: kv.exposed_fraction_2k.
+  --cpu   the gRPC path moving 256 MB of llama3-8b-shaped KV (bf16) from this process to a
+          receiver process over loopback, against a bare gRPC byte stream of the very same
+          bytes between the same two processes (raw bytes, no serializer, 4 MiB messages,
+          the same message-size limits, client streaming, a server that only counts),
+          trials alternating. Figure: kv.grpc_vs_bare_stream (median of per-trial ratios).
+  --gpu   2 GPUs of one host: the GPU tests, then the same-host CUDA IPC path against a
+          plain cuda:0 -> cuda:1 copy, then layer-wise streaming from a real 2k-token
+          prefill (see kv_transfer_bench_gpu.py).
 
-The decode side runs in a spawned process (a PoolSink: a bare pool, no model). Prints a
-short table last; writes results to --out and a log to --log.
+Prints a short table last; writes kv_transfer_{cpu,gpu}.json (figures, date, commit,
+command, device) and .log to --out-dir.
 
-    python -m loadtest.kv_transfer_bench --cpu --out results/kv_cpu.json
+    python -m loadtest.kv_transfer_bench --cpu --trials 9 --out-dir results
+    python -m loadtest.kv_transfer_bench --gpu --out-dir $OUT
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -112,10 +115,18 @@ def _cpu_receiver(num_blocks: int, conn) -> None:  # noqa: ANN001
         elif cmd == "bare_bytes":
             conn.send(received[0])
             received[0] = 0
+        elif cmd == "cpu_s":
+            conn.send(process_cpu_s())
         else:
             break
     kv_server.stop()
     bare_server.stop(0)
+
+
+def process_cpu_s() -> float:
+    """CPU time of this process so far, every thread, user and system."""
+    t = os.times()
+    return t.user + t.system
 
 
 def layer_digest(pool: KVPool, layer_idx: int, block_ids: list[int]) -> int:
@@ -157,15 +168,22 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
         bare_call = channel.stream_unary("/bench.Bare/Sink")
         prompt = [1] * (num_blocks * BS)
 
+        def both_cpu_s() -> float:
+            conn.send(("cpu_s", None))
+            return process_cpu_s() + conn.recv()
+
         def bare_s() -> float:
+            cpu0 = both_cpu_s()
             t0 = time.perf_counter()
             bare_call(iter(payloads), timeout=120)
             elapsed = time.perf_counter() - t0
+            cpu_s["bare"].append(both_cpu_s() - cpu0)
             conn.send(("bare_bytes", None))
             assert conn.recv() == num_bytes
             return elapsed
 
         def path_s(request_id: str, check: bool = False) -> float:
+            cpu0 = both_cpu_s()
             t0 = time.perf_counter()
             r = client.reserve(request_id, prompt, GREEDY, layout)
             session = transport.open(r)
@@ -173,6 +191,7 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
             sent = session.finish(120)
             client.commit(r, 1)
             elapsed = time.perf_counter() - t0
+            cpu_s["path"].append(both_cpu_s() - cpu0)
             assert sent.num_bytes == num_bytes
             if check:  # the bytes that landed are the bytes sent, layer by layer
                 conn.send(("digests", request_id))
@@ -182,8 +201,10 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
             assert conn.recv() == num_blocks + 1, "receiver leaked blocks"
             return elapsed
 
+        cpu_s: dict[str, list[float]] = {"bare": [], "path": []}  # both processes, per trial
         bare_s()  # warm-up: connections, thread pools, page faults
         path_s("warm-up", check=True)
+        cpu_s = {"bare": [], "path": []}
         bare_times, path_times = [], []
         for trial in range(trials):  # alternate, and alternate which goes first
             if trial % 2 == 0:
@@ -202,6 +223,8 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
     ratios = [b / p for b, p in zip(bare_times, path_times, strict=True)]
     log.info("cpu: bytes %d, bare s %s, path s %s", num_bytes, bare_times, path_times)
     log.info("cpu: per-trial ratios %s", [round(r, 3) for r in ratios])
+    log.info("cpu: CPU seconds of both processes, bare %s, path %s", cpu_s["bare"], cpu_s["path"])
+    cpu_per_gb = {k: statistics.median(v) / (num_bytes / 1e9) for k, v in cpu_s.items()}
     return [
         {
             "name": "kv.grpc_path_gbps",
@@ -223,192 +246,30 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
             "target": ">= 0.75",
             "trial_ratios": ratios,
         },
+        {
+            "name": "kv.grpc_path_cpu_s_per_gb",
+            "value": cpu_per_gb["path"],
+            "unit": "CPU-s/GB",
+            "note": "CPU time of sender and receiver processes together, median trial",
+        },
+        {
+            "name": "kv.bare_grpc_stream_cpu_s_per_gb",
+            "value": cpu_per_gb["bare"],
+            "unit": "CPU-s/GB",
+        },
     ]
 
 
-# ---- GPU: same-host path vs a plain peer copy -------------------------------------------
-
-
-def _decode_process(device: int, num_blocks: int, ready: mp.Queue, stop: mp.Event) -> None:
-    torch.cuda.set_device(device)
-    sink = PoolSink(make_pool(num_blocks, f"cuda:{device}", False), release_on_commit=True)
-    server = start_server(sink, ServerConfig(auth_token=TOKEN))
-    ready.put(server.port)
-    stop.wait(900)
-    server.stop()
-
-
-def peer_copy_s(num_bytes: int, trials: int) -> list[float]:
-    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda:0")
-    dst = torch.empty(num_bytes, dtype=torch.uint8, device="cuda:1")
-    times = []
-    for trial in range(trials + 2):
-        torch.cuda.synchronize(0)
-        torch.cuda.synchronize(1)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize(0)
-        torch.cuda.synchronize(1)
-        if trial >= 2:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def ipc_path_s(
-    client: KVTransferClient, pool: KVPool, mode, tokens: int, per_layer: bool, trials: int
-):  # noqa: ANN001, ANN201
-    from kv_transfer.cuda_ipc import CudaIpcTransport
-
-    transport = CudaIpcTransport.connect(client, pool, mode)
-    n = tokens // BS
-    ids = list(range(n))
-    copy_times, total_times = [], []
-    for trial in range(trials + 2):
-        r = client.reserve(
-            f"{mode.value}-{tokens}-{per_layer}-{trial}",
-            [1] * tokens,
-            GREEDY,
-            KVLayout.of_pool(pool),
-            transport=transport.rpc_transport,
-        )
-        torch.cuda.synchronize(0)
-        t0 = time.perf_counter()
-        session = transport.open(r)
-        if per_layer:
-            for layer in range(pool.num_layers):
-                session.send_layer(layer, 0, ids)
-        else:
-            session.send_all_layers(0, ids)
-        sent = session.finish(30)
-        t1 = time.perf_counter()
-        if trial == 0:  # exact bytes
-            dst = torch.tensor(r.block_ids, device="cuda:1")
-            landed = transport.remote.index_select(2, dst).to("cuda:0")
-            assert torch.equal(landed.view(torch.int16), pool.cache[:, :, :n].view(torch.int16))
-        client.commit(r, 1, list(range(pool.num_layers)), list(sent.layer_digests))
-        t2 = time.perf_counter()
-        if trial >= 2:
-            copy_times.append(t1 - t0)
-            total_times.append(t2 - t0)
-    return copy_times, total_times, sent.num_bytes
-
-
-def exposed_fraction(client: KVTransferClient, trials: int) -> dict:
-    from engine.config import EngineConfig
-    from engine.engine import Engine
-    from kv_transfer.cuda_ipc import CudaIpcTransport
-    from kv_transfer.layer_stream import LayerStreamer, TransferStatus
-
-    cfg = EngineConfig(
-        model=preset("llama3-8b"),
-        dtype="bfloat16",
-        device="cuda:0",
-        num_kv_blocks=600,
-        max_num_batched_tokens=2048,
-        max_model_len=4096,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-    )
-    engine = Engine(cfg)
-    prompt = [(i * 31) % 120000 + 5 for i in range(2047)]
-    one = SamplingParams(max_tokens=1, temperature=0.0)
-    prefill_times = []
-    for trial in range(trials + 2):
-        engine.add_request(f"p{trial}", prompt, one, hold_kv=True)
-        torch.cuda.synchronize(0)
-        t0 = time.perf_counter()
-        engine.step()
-        torch.cuda.synchronize(0)
-        if trial >= 2:
-            prefill_times.append(time.perf_counter() - t0)
-        engine.release(f"p{trial}")
-    streamer = LayerStreamer(engine, client, CudaIpcTransport.connect(client, engine.pool))
-    exposed, streamed_step = [], []
-    for trial in range(trials + 1):
-        streamer.add_request(f"s{trial}", prompt, GREEDY)
-        torch.cuda.synchronize(0)
-        t0 = time.perf_counter()
-        (outcome,) = streamer.step()
-        step_s = time.perf_counter() - t0
-        assert outcome.status is TransferStatus.COMMITTED, outcome.detail
-        if trial >= 1:
-            exposed.append(outcome.record.exposed_s)
-            streamed_step.append(step_s)
-    prefill_s = statistics.median(prefill_times)
-    return {
-        "prefill_s": prefill_s,
-        "exposed_s": statistics.median(exposed),
-        "streamed_step_s": statistics.median(streamed_step),
-        "fraction": statistics.median(exposed) / prefill_s,
-        "bytes": outcome.record.num_bytes,
-    }
-
-
-def run_gpu(trials: int) -> list[dict]:
-    from kv_transfer.cuda_ipc import CopyMode
-
-    assert torch.cuda.device_count() >= 2, "the GPU part needs two GPUs"
-    torch.cuda.set_device(0)
-    ctx = mp.get_context("spawn")
-    ready, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_decode_process, args=(1, 1200, ready, stop), daemon=True)
-    proc.start()
-    results: list[dict] = []
+def git_commit() -> str:
+    """Short commit, with "+uncommitted" when the tree has changes."""
     try:
-        port = ready.get(timeout=180)
-        client = KVTransferClient(ClientConfig(f"127.0.0.1:{port}", TOKEN))
-        pool = make_pool(300, "cuda:0", True)
-        for tokens in (1024, 4096):
-            label = f"{tokens // 1024}k"
-            num_bytes = tokens // BS * pool.layer_block_bytes * pool.num_layers
-            base = num_bytes / statistics.median(peer_copy_s(num_bytes, trials)) / 1e9
-            results.append({"name": f"kv.peer_copy_gbps_{label}", "value": base, "unit": "GB/s"})
-            best = 0.0
-            for mode in (CopyMode.MEMCPY,):  # KERNEL: illegal address on H200, see cuda_ipc
-                for per_layer in (False, True):
-                    copy_t, total_t, nb = ipc_path_s(client, pool, mode, tokens, per_layer, trials)
-                    assert nb == num_bytes
-                    gbps = nb / statistics.median(copy_t) / 1e9
-                    e2e = nb / statistics.median(total_t) / 1e9
-                    how = f"{mode.value}_{'per_layer' if per_layer else 'whole'}"
-                    log.info("%s %s: copy %.1f GB/s, with commit %.1f GB/s", label, how, gbps, e2e)
-                    results.append(
-                        {
-                            "name": f"kv.gpu_path_gbps_{label}_{how}",
-                            "value": gbps,
-                            "unit": "GB/s",
-                            "with_commit_gbps": e2e,
-                        }
-                    )
-                    best = max(best, gbps)
-            results.append(
-                {
-                    "name": f"kv.gpu_path_vs_peer_copy_{label}",
-                    "value": best / base,
-                    "unit": "ratio",
-                    "target": ">= 0.8",
-                }
-            )
-        try:
-            ex = exposed_fraction(client, trials)
-            results.append(
-                {
-                    "name": "kv.exposed_fraction_2k",
-                    "value": ex["fraction"],
-                    "unit": "ratio",
-                    "target": "<= 0.1",
-                    **{k: v for k, v in ex.items() if k != "fraction"},
-                }
-            )
-        except Exception:  # keep the copy figures if the engine part fails
-            log.exception("exposed-fraction part failed")
-        client.close()
-    finally:
-        stop.set()
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-    return results
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted" if dirty else "")
 
 
 def main() -> None:
@@ -418,31 +279,45 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--cpu-mb", type=int, default=256)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--out", default="results/kv_transfer_bench.json")
-    parser.add_argument("--log", default="results/kv_transfer_bench.log")
+    parser.add_argument("--trials", type=int, default=7)
+    parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
-    if not (args.cpu or args.gpu):
-        parser.error("pick --cpu and/or --gpu")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    if args.cpu == args.gpu:
+        parser.error("pick one of --cpu and --gpu")
+    kind = "gpu" if args.gpu else "cpu"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out, log_path = (
+        args.out_dir / f"kv_transfer_{kind}.json",
+        args.out_dir / f"kv_transfer_{kind}.log",
+    )
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(name)s %(message)s",
-        handlers=[logging.FileHandler(args.log), logging.StreamHandler(sys.stderr)],
+        handlers=[logging.FileHandler(log_path), logging.StreamHandler(sys.stderr)],
     )
-    results: list[dict] = []
-    if args.cpu:
-        results += run_cpu(args.cpu_mb, args.trials)
+    run = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "command": "python -m loadtest.kv_transfer_bench " + " ".join(sys.argv[1:]),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+    }
     if args.gpu:
-        results += run_gpu(args.trials)
-    device = torch.cuda.get_device_name(0) if args.gpu else "CPU"
-    for r in results:
-        r["device"] = device
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        from loadtest.kv_transfer_bench_gpu import run_gpu
+
+        run["device"] = " + ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
+        results = run_gpu(args.trials, args.out_dir)
+    else:
+        run["device"] = f"CPU, {os.cpu_count()} cores"
+        results = run_cpu(args.cpu_mb, args.trials)
+    log.info("run %s", run)
+    out.write_text(json.dumps({"run": run, "results": results}, indent=2))
     print(f"\n{'figure':<44} {'value':>10}  unit   target")
     for r in results:
         print(f"{r['name']:<44} {r['value']:>10.3f}  {r['unit']:<6} {r.get('target', '')}")
+    print(f"\nwrote {out} and {log_path}")
 
 
 if __name__ == "__main__":

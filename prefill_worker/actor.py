@@ -11,8 +11,8 @@ import asyncio
 import ray
 
 from decode_worker.messages import PrefillResult, PrefillTask, WorkerLoad
-from kv_transfer.transport import TransportKind
-from prefill_worker.worker import PrefillWorker
+from kv_transfer.transport import TransportKind, make_transport
+from prefill_worker.worker import PrefillWorker, TransportFactory
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -25,7 +25,10 @@ class PrefillActor:
         transport: str,
         lease_s: float,
         finish_timeout_s: float,
+        transport_factory: TransportFactory | None = None,
     ) -> None:
+        """transport_factory: None for kv_transfer's own (`make_transport`); tests pass
+        prefill_worker/faults.py's to inject transfer faults."""
         from baton.launcher import build_engine
 
         engine = build_engine(worker_spec)
@@ -37,6 +40,7 @@ class PrefillActor:
             lease_s,
             finish_timeout_s,
             node_id=ray.get_runtime_context().get_node_id(),
+            transport_factory=transport_factory or make_transport,
         )
         self.worker.start()
 

@@ -33,6 +33,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -46,9 +47,10 @@ from decode_worker.messages import (
     WorkerRole,
 )
 from engine.engine import Engine
+from engine.kv_pool import KVPool
 from kv_transfer.client import ClientConfig, KVTransferClient
 from kv_transfer.layer_stream import LayerStreamer, TransferStatus
-from kv_transfer.transport import TransportKind, make_transport
+from kv_transfer.transport import KVTransport, TransportKind, make_transport
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ IDLE_WAIT_S = 0.05
 # (the request waits here, as it would in a queue) until its deadline.
 RESERVE_RETRY_FIRST_S = 0.005
 RESERVE_RETRY_MAX_S = 0.2
+
+# Builds the transport towards one decode worker: `make_transport`, or a wrapper of it
+# (prefill_worker/faults.py injects transfer faults this way).
+TransportFactory = Callable[[TransportKind, KVTransferClient, KVPool], KVTransport]
 
 
 @dataclass(eq=False)
@@ -90,12 +96,14 @@ class PrefillWorker:
         lease_s: float = 30.0,
         finish_timeout_s: float = 30.0,
         node_id: str = "",
+        transport_factory: TransportFactory = make_transport,
     ) -> None:
         self.name = name
         self.engine = engine
         self.node_id = node_id
         self._token = kv_auth_token
         self._transport_kind = transport
+        self._make_transport = transport_factory
         self._lease_s = lease_s
         self._finish_timeout_s = finish_timeout_s
         self._inbox: queue.SimpleQueue[_Task | _Abort] = queue.SimpleQueue()
@@ -225,7 +233,7 @@ class PrefillWorker:
         s = self._streamers.get(kv_address)
         if s is None:
             client = KVTransferClient(ClientConfig(target=kv_address, auth_token=self._token))
-            transport = make_transport(self._transport_kind, client, self.engine.pool)
+            transport = self._make_transport(self._transport_kind, client, self.engine.pool)
             s = LayerStreamer(self.engine, client, transport, self._lease_s, self._finish_timeout_s)
             self._streamers[kv_address] = s
         return s
@@ -303,6 +311,7 @@ class PrefillWorker:
         outputs = self.engine.step(on_layer_done=self._on_layer_done)
         end_s = time.monotonic()
         end_perf = time.perf_counter()
+        self._publish_load()  # the transfers completed below may take a while
         for seq in self.engine.current_batch.seqs:
             t = self._tasks.get(seq.request_id)
             if t is not None and t.first_step_s is None:
@@ -365,7 +374,8 @@ class PrefillWorker:
                 role=WorkerRole.PREFILL,
                 node_id=self.node_id,
                 queue_depth=len(e.scheduler.waiting),  # load() adds the inbox
-                num_running=len(e.scheduler.running),
+                # prefilling, or prefilled and still sending (its blocks held till Commit)
+                num_running=max(len(self._tasks) - len(e.scheduler.waiting), 0),
                 num_free_blocks=e.num_free_blocks,
                 num_total_blocks=e.block_manager.num_blocks,
                 num_cached_blocks=e.block_manager.num_cached_blocks,

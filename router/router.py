@@ -11,9 +11,22 @@ A request through the router, in order (disaggregated mode):
                prefill and transfer to D's KV-transfer service; P answers once D committed
   relay        chunks from D become GenerateResponses; the last one carries the finish
                reason, usage and per-phase timings
-  cleanup      in `finally`: a request that did not finish (client cancelled, deadline,
+  cleanup      in `finally`: an attempt that did not finish (client cancelled, deadline,
                failure) is aborted on P and on D, which frees its blocks on both sides;
                in-flight counts drop
+  retry        a worker that dies or fails the transfer (actor error, stream ended, prefill
+               answered UNAVAILABLE / DATA_LOSS) ends the attempt, not the request: the
+               workers involved are probed (a dead one is marked down until its load report
+               succeeds again), and the request runs again on another (P, D) as a new
+               attempt, resumed from the tokens already delivered (the prompt plus those
+               tokens is prefilled, max_tokens shrinks by as many), so with greedy sampling
+               the client sees exactly the tokens of an undisturbed run, none twice. After
+               `max_attempts` attempts, or past the deadline: UNAVAILABLE / DEADLINE_EXCEEDED.
+
+Workers rejoin by themselves: the load poll is the health probe (a failed report marks the
+worker down, the next good one up), and a decode worker restarted by Ray comes back with a
+new KV-transfer address, which its load report carries and the router adopts (prefill workers
+open a new KV-transfer client for a new address: the re-handshake).
 
 Local routes (colocated mode, or the conditional policy) skip P: D prefills itself.
 Every wait is bounded by the request's deadline (the client's, capped by
@@ -24,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -34,6 +48,7 @@ import grpc
 
 from baton.config import ClusterMode, Limits
 from decode_worker.messages import PrefillStatus, PrefillTask, TokenChunk, WorkerLoad
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from protos import serving_pb2 as pb
 from router.policies import NoWorker, Route, RouteQuery, RoutingPolicy, WorkerView
@@ -57,6 +72,20 @@ _FINISH = {
 _PREFILL_CODES = {
     PrefillStatus.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# Prefill answers that say "this attempt's workers or bytes failed", not "this request is
+# wrong": worth another attempt on other workers.
+_RETRYABLE_PREFILL_CODES = frozenset({"UNAVAILABLE", "DATA_LOSS", "ABORTED", "NOT_FOUND"})
+DEFAULT_MAX_ATTEMPTS = 3
+PROBE_TIMEOUT_S = 2.0
+
+
+class AttemptFailed(Exception):
+    """One attempt of a request failed in a way another attempt may not (a worker died, a
+    transfer broke); `suspects` are the workers to probe before routing again."""
+
+    def __init__(self, message: str, suspects: tuple[WorkerSlot | None, ...]) -> None:
+        super().__init__(message)
+        self.suspects = suspects
 
 
 @dataclass(eq=False)
@@ -88,6 +117,7 @@ class WorkerSlot:
 class RouterCounters:
     requests_total: int = 0
     requests_failed: int = 0
+    attempts_retried: int = 0  # attempts that failed and were followed by another
 
 
 @dataclass(eq=False)
@@ -97,13 +127,34 @@ class _Flight:
     for the aborted attempt (decode workers remember aborted ids for a while)."""
 
     request: ValidatedRequest  # request_id: the client's
-    worker_request_id: str
+    worker_request_id: str  # of the current attempt
     arrival_s: float
     deadline_s: float
     route: Route | None = None
-    committed: bool = False
+    committed: bool = False  # the current attempt's KV is on its decode worker
     finished: bool = False
     timings: pb.Timings = field(default_factory=pb.Timings)
+    delivered: list[int] = field(default_factory=list)  # token ids sent to the client
+    num_resumed: int = 0  # len(delivered) when the current attempt started
+    num_attempts: int = 0
+
+    def new_attempt(self) -> None:
+        self.num_attempts += 1
+        # "<client id>@a<attempt number>-<random>": unique per attempt, readable in logs
+        self.worker_request_id = (
+            f"{self.request.request_id}@a{self.num_attempts}-{uuid.uuid4().hex[:12]}"
+        )
+        self.committed = False
+        self.num_resumed = len(self.delivered)
+
+    def attempt_request(self) -> tuple[tuple[int, ...], SamplingParams]:
+        """The prompt and parameters of the current attempt: resumed after the delivered
+        tokens (exact for greedy sampling; a seeded sampler restarts its stream)."""
+        r = self.request
+        if not self.delivered:
+            return r.prompt_token_ids, r.params
+        params = dataclasses.replace(r.params, max_tokens=r.params.max_tokens - len(self.delivered))
+        return r.prompt_token_ids + tuple(self.delivered), params
 
     def remaining_s(self) -> float:
         left = self.deadline_s - time.monotonic()
@@ -127,7 +178,9 @@ class Router:
         limits: Limits,
         prefix_capacity_blocks: int = 1 << 16,
         load_poll_interval_s: float = 0.1,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
+        assert max_attempts >= 1
         self.mode = mode
         self.policy = policy
         self.prefill = [
@@ -142,6 +195,8 @@ class Router:
         self.block_size = block_size
         self.limits = limits
         self.load_poll_interval_s = load_poll_interval_s
+        self.max_attempts = max_attempts
+        self._prefix_capacity_blocks = prefix_capacity_blocks
         self.counters = RouterCounters()
         self._flights: dict[str, _Flight] = {}
         self._background: set[asyncio.Task] = set()
@@ -154,10 +209,15 @@ class Router:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
+        """After the server cancelled its calls: let their requests unwind (each aborts its
+        attempt on the workers), bounded by ABORT_TIMEOUT_S, then wait for the aborts."""
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        deadline_s = time.monotonic() + ABORT_TIMEOUT_S
+        while self._flights and time.monotonic() < deadline_s:
+            await asyncio.sleep(0.01)
         if self._background:
             await asyncio.wait(self._background, timeout=ABORT_TIMEOUT_S)
 
@@ -174,16 +234,39 @@ class Router:
                 log.exception("load poll failed")
 
     async def poll_loads(self) -> None:
-        slots = self.prefill + self.decode
+        await self._probe(self.prefill + self.decode)
+
+    async def _probe(self, slots: Sequence[WorkerSlot]) -> None:
+        """Ask each worker for its load: an answer marks it up (and adopts a restarted
+        worker's new KV-transfer address), a failure or silence marks it down."""
 
         async def one(slot: WorkerSlot) -> None:
             try:
-                slot.load = await asyncio.wait_for(slot.client.load(), 2.0)
-                slot.healthy, slot.detail = True, "ok"
+                load = await asyncio.wait_for(slot.client.load(), PROBE_TIMEOUT_S)
             except (TimeoutError, WorkerUnavailable) as e:
+                if slot.healthy:
+                    log.warning("worker %s is down: %r", slot.client.name, e)
                 slot.healthy, slot.detail = False, f"load report failed: {e!r}"
+                return
+            self._adopt(slot, load)
 
         await asyncio.gather(*(one(s) for s in slots))
+
+    def _adopt(self, slot: WorkerSlot, load: WorkerLoad) -> None:
+        old = slot.load
+        restarted = old is not None and (
+            load.num_requests_done < old.num_requests_done
+            or (load.kv_address and load.kv_address != old.kv_address)
+        )
+        if restarted:  # a new process: its caches are empty
+            log.warning("worker %s restarted %s", slot.client.name, load.kv_address)
+            slot.prefix = PrefixIndex(self._prefix_capacity_blocks)
+        if load.kv_address and isinstance(slot.client, DecodeClient):
+            slot.client.kv_address = load.kv_address
+        if not slot.healthy:
+            log.info("worker %s is up", slot.client.name)
+        slot.load = load
+        slot.healthy, slot.detail = True, "ok"
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -216,14 +299,14 @@ class Router:
         self._flights[rid] = flight
         return flight
 
-    def _route(self, f: _Flight) -> tuple[WorkerSlot, WorkerSlot | None]:
+    def _route(self, f: _Flight, prompt: tuple[int, ...]) -> tuple[WorkerSlot, WorkerSlot | None]:
         r = f.request
-        hashes = prompt_block_hashes(r.prompt_token_ids, self.block_size, r.cache_salt)
+        hashes = prompt_block_hashes(prompt, self.block_size, r.cache_salt)
         bs = self.block_size
         pviews = [s.view(s.prefix.match_blocks(hashes) * bs) for s in self.prefill]
         dviews = [s.view(s.prefix.match_blocks(hashes) * bs) for s in self.decode]
         try:
-            route = self.policy.choose(RouteQuery(len(r.prompt_token_ids)), pviews, dviews)
+            route = self.policy.choose(RouteQuery(len(prompt)), pviews, dviews)
         except NoWorker as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(e)) from e
         f.route = route
@@ -245,28 +328,50 @@ class Router:
         except RequestError:
             self.counters.requests_failed += 1
             raise
-        d: WorkerSlot | None = None
-        p: WorkerSlot | None = None
         try:
-            d, p = self._route(f)
-            async for resp in self._run(f, d, p):
+            async for resp in self._attempts(f):
                 yield resp
         except RequestError:
             self.counters.requests_failed += 1
             raise
-        except TimeoutError:
-            self.counters.requests_failed += 1
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-        except (WorkerUnavailable, StreamEnded) as e:
-            self.counters.requests_failed += 1
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"worker failed: {e}") from e
         finally:
             self._flights.pop(f.request.request_id, None)
-            for slot in (d, p):
-                if slot is not None:
-                    slot.in_flight -= 1
-            if not f.finished and d is not None:
-                self._spawn(self._abort_everywhere(f.worker_request_id, d, p, f.committed))
+
+    async def _attempts(self, f: _Flight) -> AsyncIterator[pb.GenerateResponse]:
+        """Invariant: at most one attempt of the request is on workers at a time, and each
+        attempt that did not finish is aborted on its workers before the next is routed."""
+        while True:
+            f.new_attempt()
+            d: WorkerSlot | None = None
+            p: WorkerSlot | None = None
+            try:
+                d, p = self._route(f, f.attempt_request()[0])
+                async for resp in self._run(f, d, p):
+                    yield resp
+                return
+            except TimeoutError:
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+            except (WorkerUnavailable, StreamEnded) as e:  # a call outside the usual places
+                failure = AttemptFailed(f"worker failed: {e}", (d, p))
+            except AttemptFailed as e:
+                failure = e
+            finally:
+                for slot in (d, p):
+                    if slot is not None:
+                        slot.in_flight -= 1
+                if not f.finished and d is not None:
+                    self._spawn(self._abort_everywhere(f.worker_request_id, d, p, f.committed))
+            log.warning(
+                "request %s attempt %d failed: %s", f.request.request_id, f.num_attempts, failure
+            )
+            if f.num_attempts >= self.max_attempts:
+                raise RequestError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"failed after {f.num_attempts} attempts; last: {failure}",
+                )
+            f.remaining_s()  # DEADLINE_EXCEEDED rather than another attempt past it
+            self.counters.attempts_retried += 1
+            await self._probe([s for s in failure.suspects if s is not None])
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)
@@ -289,7 +394,9 @@ class Router:
     async def _run(
         self, f: _Flight, d: WorkerSlot, p: WorkerSlot | None
     ) -> AsyncIterator[pb.GenerateResponse]:
+        """One attempt on (P, D). Raises AttemptFailed when a worker or the transfer failed."""
         r = f.request
+        prompt, params = f.attempt_request()
         wid = f.worker_request_id
         t = f.timings
         dclient: DecodeClient = d.client  # type: ignore[assignment]
@@ -297,14 +404,15 @@ class Router:
         num_cached = 0
         if p is None:
             t.mode = "colocated" if self.mode is ClusterMode.COLOCATED else "decode_local"
-            t.router_ms = (time.monotonic() - f.arrival_s) * 1e3
+            t.router_ms = t.router_ms or (time.monotonic() - f.arrival_s) * 1e3
             try:
                 await asyncio.wait_for(
-                    dclient.submit_local(wid, r.prompt_token_ids, r.params, r.cache_salt),
-                    f.remaining_s(),
+                    dclient.submit_local(wid, prompt, params, r.cache_salt), f.remaining_s()
                 )
             except ValueError as e:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
+            except WorkerUnavailable as e:
+                raise AttemptFailed(f"decode worker {dclient.name}: {e}", (d,)) from e
             f.committed = True
             stream = dclient.open_stream(wid, f.remaining_s())
         else:
@@ -313,31 +421,34 @@ class Router:
             t.prefill_worker = pclient.name
             stream = dclient.open_stream(wid, f.remaining_s())
             task = PrefillTask(
-                wid,
-                r.prompt_token_ids,
-                r.params,
-                r.cache_salt,
-                dclient.kv_address,
-                f.remaining_s(),
+                wid, prompt, params, r.cache_salt, dclient.kv_address, f.remaining_s()
             )
-            t.router_ms = (time.monotonic() - f.arrival_s) * 1e3
-            result = await asyncio.wait_for(pclient.prefill(task), f.remaining_s())
+            t.router_ms = t.router_ms or (time.monotonic() - f.arrival_s) * 1e3
+            try:
+                result = await asyncio.wait_for(pclient.prefill(task), f.remaining_s())
+            except WorkerUnavailable as e:
+                raise AttemptFailed(f"prefill worker {pclient.name}: {e}", (p, d)) from e
             if result.status is not PrefillStatus.COMMITTED:
+                detail = f"prefill on {pclient.name}: {result.detail}"
+                if result.code in _RETRYABLE_PREFILL_CODES:
+                    raise AttemptFailed(detail, (p, d))
                 code = _PREFILL_CODES.get(result.status) or getattr(
                     grpc.StatusCode, result.code or "UNAVAILABLE", grpc.StatusCode.UNAVAILABLE
                 )
-                raise RequestError(code, f"prefill on {pclient.name}: {result.detail}")
+                raise RequestError(code, detail)
             f.committed = True
             num_cached = result.num_cached_tokens
-            t.prefill_queue_ms = result.queue_s * 1e3
-            t.prefill_ms = result.prefill_s * 1e3
-            t.transfer_ms = result.transfer_s * 1e3
-        first = True
+            if not f.delivered:  # timings describe the path of the first token
+                t.prefill_queue_ms = result.queue_s * 1e3
+                t.prefill_ms = result.prefill_s * 1e3
+                t.transfer_ms = result.transfer_s * 1e3
         while True:
-            chunk = await stream.next(f.remaining_s())
+            try:
+                chunk = await stream.next(f.remaining_s())
+            except (WorkerUnavailable, StreamEnded) as e:
+                raise AttemptFailed(f"decode worker {dclient.name}: {e}", (d,)) from e
             resp = self._response(r.request_id, chunk)
-            if first and chunk.token_ids:
-                first = False
+            if not t.ttft_ms and chunk.token_ids:
                 t.decode_queue_ms = chunk.decode_queue_s * 1e3
                 t.ttft_ms = (time.monotonic() - f.arrival_s) * 1e3
                 if p is None:  # the decode worker's queue and prefill are one phase here
@@ -356,13 +467,14 @@ class Router:
                     else grpc.StatusCode.ABORTED
                 )
                 raise RequestError(code, f"decode worker {dclient.name}: {chunk.error}")
+            f.delivered.extend(chunk.token_ids)
             if chunk.finished:
                 f.finished = True
                 t.total_ms = (time.monotonic() - f.arrival_s) * 1e3
                 resp.usage.CopyFrom(
-                    pb.Usage(
-                        prompt_tokens=chunk.num_prompt_tokens,
-                        completion_tokens=chunk.num_output_tokens,
+                    pb.Usage(  # a resumed attempt's prompt holds the tokens delivered before
+                        prompt_tokens=chunk.num_prompt_tokens - f.num_resumed,
+                        completion_tokens=f.num_resumed + chunk.num_output_tokens,
                         cached_tokens=num_cached if p is not None else chunk.num_cached_tokens,
                     )
                 )

@@ -7,7 +7,8 @@ otherwise, so `grpcurl` lists and calls the service without the .proto files.
 
 Statuses: validation -> INVALID_ARGUMENT / RESOURCE_EXHAUSTED (router/validation.py);
 a Generate larger than limits.max_request_bytes -> RESOURCE_EXHAUSTED (gRPC's own receive
-limit); missing or wrong API key -> UNAUTHENTICATED; no worker -> UNAVAILABLE; deadline ->
+limit); missing or wrong API key -> UNAUTHENTICATED (with `tls` given, the port serves TLS,
+so the key never crosses the wire in clear); no worker -> UNAVAILABLE; deadline ->
 DEADLINE_EXCEEDED. A client that cancels (or whose deadline passes) cancels the handler,
 and the router's cleanup aborts the request on every worker.
 """
@@ -21,6 +22,7 @@ import hmac
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from grpc_reflection.v1alpha import reflection
@@ -33,6 +35,14 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "baton.v1.Serving"
 AUTH_METADATA_KEY = "authorization"  # value: "Bearer <token>"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM bytes of the router's certificate chain and private key: the port serves TLS."""
+
+    cert_chain_pem: bytes
+    private_key_pem: bytes
 
 
 class ServingServicer:
@@ -106,6 +116,7 @@ class RouterServer:
         auth_token: str | None = None,
         max_request_bytes: int = 1 << 20,
         reflection_on: bool = True,
+        tls: ServerTls | None = None,
     ) -> None:
         self._factory = router_factory
         self.host = host
@@ -113,6 +124,7 @@ class RouterServer:
         self._token = auth_token
         self._max_request_bytes = max_request_bytes
         self._reflection = reflection_on
+        self._tls = tls
         self.port = 0
         self.router: Router | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,7 +169,14 @@ class RouterServer:
         server.add_generic_rpc_handlers((_handlers(ServingServicer(self.router, self._token)),))
         if self._reflection:
             reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{self.host}:{self._want_port}")
+        bind = f"{self.host}:{self._want_port}"
+        if self._tls is None:
+            self.port = server.add_insecure_port(bind)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(self._tls.private_key_pem, self._tls.cert_chain_pem)]
+            )
+            self.port = server.add_secure_port(bind, creds)
         if self.port == 0:
             raise ValueError(f"could not bind the router to {self.host}:{self._want_port}")
         await server.start()

@@ -1,14 +1,18 @@
 """The same-host GPU path between two GPUs: exact bytes, digest check, no leaked blocks.
 
-The decode side (a bare pool behind the service) runs in a spawned process on GPU 1; this
-process is the prefill side on GPU 0 and opens the decode pool through CUDA IPC.
+The decode side (a bare pool behind the service) runs in a spawned process on cuda:1; this
+process is the prefill side on cuda:0 and maps the decode pool once through CUDA IPC (one
+transport for the module: the mapping is not reopened per transfer). Every test checks the
+bytes that landed in the decode pool (read through the mapping) against the prefill pool,
+and that the decode side's free-block count is back where it started.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -23,7 +27,9 @@ pytestmark = [
 ]
 
 TOKEN = "gpu-test-token"
-NUM_BLOCKS = 64
+BS = 16
+NUM_DECODE_BLOCKS = 64
+NUM_LOCAL_BLOCKS = 80
 
 
 def _decode_main(ready: mp.Queue, stop: mp.Event) -> None:
@@ -33,7 +39,7 @@ def _decode_main(ready: mp.Queue, stop: mp.Event) -> None:
     from kv_transfer.sink import PoolSink
 
     torch.cuda.set_device(1)
-    pool = KVPool(preset("tiny"), NUM_BLOCKS, 16, torch.bfloat16, torch.device("cuda:1"))
+    pool = KVPool(preset("tiny"), NUM_DECODE_BLOCKS, BS, torch.bfloat16, torch.device("cuda:1"))
     pool.cache.zero_()
     sink = PoolSink(pool, release_on_commit=True)
     server = start_server(sink, ServerConfig(auth_token=TOKEN))
@@ -57,68 +63,211 @@ def decode_port() -> Iterator[int]:
             proc.kill()
 
 
-def _setup(port: int):  # noqa: ANN202
+@dataclass
+class Prefill:
+    pool: object  # engine.kv_pool.KVPool on cuda:0, random words
+    client: object  # kv_transfer.client.KVTransferClient
+    transport: object  # kv_transfer.cuda_ipc.CudaIpcTransport
+
+    @property
+    def num_free_remote(self) -> int:
+        return self.client.health().num_free_blocks
+
+
+@pytest.fixture(scope="module")
+def prefill(decode_port: int) -> Iterator[Prefill]:
     from engine.kv_pool import KVPool
     from engine.presets import preset
     from kv_transfer.client import ClientConfig, KVTransferClient
-    from kv_transfer.cuda_ipc import CopyMode, CudaIpcTransport
+    from kv_transfer.cuda_ipc import CudaIpcTransport
 
     torch.cuda.set_device(0)
-    pool = KVPool(preset("tiny"), NUM_BLOCKS, 16, torch.bfloat16, torch.device("cuda:0"))
+    pool = KVPool(preset("tiny"), NUM_LOCAL_BLOCKS, BS, torch.bfloat16, torch.device("cuda:0"))
     pool.cache.view(torch.int16).random_(-(2**15), 2**15 - 1)
-    client = KVTransferClient(ClientConfig(f"127.0.0.1:{port}", TOKEN))
-    return pool, client, CudaIpcTransport, CopyMode
+    client = KVTransferClient(ClientConfig(f"127.0.0.1:{decode_port}", TOKEN))
+    transport = CudaIpcTransport.connect(client, pool)
+    assert transport.remote.device == torch.device("cuda:1")
+    yield Prefill(pool, client, transport)
+    client.close()
 
 
-@pytest.mark.parametrize("mode", ["memcpy"])  # "kernel" broke the CUDA context on H200
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_ipc_copy_is_byte_identical(decode_port: int, mode: str, per_layer: bool):
+def landed_equals_sent(
+    p: Prefill, layers: range, local: Sequence[int], remote: Sequence[int]
+) -> bool:
+    """The decode pool's blocks `remote` hold exactly the prefill pool's blocks `local`."""
+    torch.cuda.synchronize(1)
+    sl = slice(layers.start, layers.stop)
+    got = p.transport.remote[sl].index_select(2, torch.tensor(list(remote), device="cuda:1"))
+    want = p.pool.cache[sl].index_select(2, torch.tensor(list(local), device="cuda:0"))
+    return torch.equal(got.to("cuda:0").view(torch.int16), want.view(torch.int16))
+
+
+def make_holes(p: Prefill) -> list[object]:
+    """Reserve four one-block requests and abort the 1st and 3rd: later reservations get a
+    block table with gaps. Returns the two still held (abort them at the end)."""
     from engine.sampling_params import SamplingParams
     from kv_transfer.wire import KVLayout
 
-    pool, client, CudaIpcTransport, CopyMode = _setup(decode_port)
-    transport = CudaIpcTransport.connect(client, pool, CopyMode(mode))
-    local = [3, 4, 5, 9, 10, 20, 21]  # three runs on the prefill side
-    prompt = [1] * (len(local) * 16 - 5)
-    free_before = client.health().num_free_blocks
-    r = client.reserve("r", prompt, SamplingParams(max_tokens=2), KVLayout.of_pool(pool))
-    session = transport.open(r)
+    layout = KVLayout.of_pool(p.pool)
+    rs = [
+        p.client.reserve(f"hole{i}", [1] * BS, SamplingParams(max_tokens=1), layout)
+        for i in range(4)
+    ]
+    p.client.abort(rs[0], "hole")
+    p.client.abort(rs[2], "hole")
+    return [rs[1], rs[3]]
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_ipc_copy_is_byte_identical(prefill: Prefill, per_layer: bool):
+    from engine.sampling_params import SamplingParams
+    from kv_transfer.wire import KVLayout
+
+    p = prefill
+    free_before = p.num_free_remote
+    held = make_holes(p)
+    local = list(range(3, 33)) + [40, 41, 50] + list(range(60, 79))  # runs on both sides differ
+    prompt = [1] * (len(local) * BS - 5)
+    r = p.client.reserve("r", prompt, SamplingParams(max_tokens=2), KVLayout.of_pool(p.pool))
+    assert len(r.block_ids) == len(local)
+    session = p.transport.open(r)
     if per_layer:
-        for layer in range(pool.num_layers):
+        for layer in range(p.pool.num_layers):
             session.send_layer(layer, 0, local)
     else:
         session.send_all_layers(0, local)
     sent = session.finish(30)
-    assert sent.num_bytes == len(local) * pool.layer_block_bytes * pool.num_layers
-    dst = torch.tensor(r.block_ids, device="cuda:1")
-    landed = transport.remote.index_select(2, dst).to("cuda:0")
-    expected = pool.cache.index_select(2, torch.tensor(local, device="cuda:0"))
-    assert torch.equal(landed.view(torch.int16), expected.view(torch.int16))
-    client.commit(r, 1, list(range(pool.num_layers)), list(sent.layer_digests))
-    assert client.health().num_free_blocks == free_before
-    assert client.health().num_active_reservations == 0
-    client.close()
+    assert sent.num_bytes == len(local) * p.pool.layer_block_bytes * p.pool.num_layers
+    assert landed_equals_sent(p, range(p.pool.num_layers), local, r.block_ids)
+    p.client.commit(r, 1, list(range(p.pool.num_layers)), list(sent.layer_digests))
+    for h in held:
+        p.client.abort(h, "done")
+    assert p.num_free_remote == free_before == NUM_DECODE_BLOCKS
+    assert p.client.health().num_active_reservations == 0
 
 
-def test_digest_mismatch_is_refused_and_frees(decode_port: int):
+def test_blocks_sent_in_pieces_and_prefix_skipped(prefill: Prefill):
+    """Chunked-prefill shape: each layer's blocks come in two sends, starting past block 0."""
     from engine.sampling_params import SamplingParams
     from kv_transfer.wire import KVLayout
 
-    pool, client, CudaIpcTransport, CopyMode = _setup(decode_port)
-    transport = CudaIpcTransport.connect(client, pool)
-    free_before = client.health().num_free_blocks
-    r = client.reserve("bad", [1] * 40, SamplingParams(max_tokens=2), KVLayout.of_pool(pool))
-    session = transport.open(r)
+    p = prefill
+    local = [10, 11, 12, 20, 21]
+    r = p.client.reserve("pieces", [2] * (5 * BS), SamplingParams(max_tokens=2),
+                         KVLayout.of_pool(p.pool))  # fmt: skip
+    session = p.transport.open(r)
+    for layer in range(p.pool.num_layers):
+        session.send_layer(layer, 0, local[:2])
+    for layer in range(p.pool.num_layers):
+        session.send_layer(layer, 2, local[2:])
+    sent = session.finish(30)
+    assert landed_equals_sent(p, range(p.pool.num_layers), local, r.block_ids)
+    p.client.commit(r, 1, list(range(p.pool.num_layers)), list(sent.layer_digests))
+    assert p.num_free_remote == NUM_DECODE_BLOCKS
+
+
+def test_digest_mismatch_is_refused_and_frees(prefill: Prefill):
+    from engine.sampling_params import SamplingParams
+    from kv_transfer.wire import KVLayout
+
+    p = prefill
+    r = p.client.reserve("bad", [1] * 40, SamplingParams(max_tokens=2), KVLayout.of_pool(p.pool))
+    session = p.transport.open(r)
     session.send_all_layers(0, [0, 1, 2])
     sent = session.finish(30)
-    transport.remote[1, 0, r.block_ids[1]].view(torch.int16)[0, 0, 0] += 1  # corrupt one word
+    p.transport.remote[1, 0, r.block_ids[1]].view(torch.int16)[0, 0, 0] += 1  # corrupt one word
     torch.cuda.synchronize(1)
     with pytest.raises(grpc.RpcError) as info:
-        client.commit(r, 1, list(range(pool.num_layers)), list(sent.layer_digests))
+        p.client.commit(r, 1, list(range(p.pool.num_layers)), list(sent.layer_digests))
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
     assert "layers [1]" in info.value.details()
     deadline = time.monotonic() + 5
-    while client.health().num_free_blocks != free_before and time.monotonic() < deadline:
+    while p.num_free_remote != NUM_DECODE_BLOCKS and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert client.health().num_free_blocks == free_before
-    client.close()
+    assert p.num_free_remote == NUM_DECODE_BLOCKS
+
+
+def test_abort_waits_for_queued_copies_and_frees(prefill: Prefill):
+    from engine.sampling_params import SamplingParams
+    from kv_transfer.transport import TransferError
+    from kv_transfer.wire import KVLayout
+
+    p = prefill
+    local = list(range(0, 40))
+    r = p.client.reserve("ab", [1] * (40 * BS), SamplingParams(max_tokens=2),
+                         KVLayout.of_pool(p.pool))  # fmt: skip
+    session = p.transport.open(r)
+    session.send_layer(0, 0, local)
+    session.abort()
+    assert p.transport.copy_stream.query()  # nothing of the session still in flight
+    assert landed_equals_sent(p, range(1), local, r.block_ids)  # layer 0 landed whole
+    with pytest.raises(TransferError):
+        session.send_layer(1, 0, local)
+    assert p.client.abort(r, "test")
+    assert p.num_free_remote == NUM_DECODE_BLOCKS
+
+
+def test_layer_streaming_from_a_real_engine(prefill: Prefill):
+    """A tiny engine on cuda:0 prefills three prompts in 32-token steps (chunked prefill:
+    blocks leave layer by layer as they become final) and streams them to cuda:1."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.presets import preset
+    from engine.sampling_params import SamplingParams
+    from kv_transfer.cuda_ipc import CudaIpcTransport
+    from kv_transfer.layer_stream import LayerStreamer, TransferStatus
+
+    p = prefill
+    engine = Engine(
+        EngineConfig(
+            model=preset("tiny"),
+            dtype="bfloat16",
+            device="cuda:0",
+            num_kv_blocks=64,
+            max_model_len=1024,
+            max_num_batched_tokens=32,
+            enforce_eager=True,
+        )
+    )
+    transport = CudaIpcTransport.connect(p.client, engine.pool)
+    sends: dict[str, list[tuple[int, tuple[int, ...], tuple[int, ...]]]] = {}
+    open_session = transport.open
+
+    def recording_open(reservation):  # noqa: ANN001, ANN202
+        session = open_session(reservation)
+        send = session.send_layer
+        log = sends.setdefault(reservation.request_id, [])
+
+        def send_layer(layer: int, first: int, ids: Sequence[int]) -> None:
+            log.append((layer, tuple(ids), tuple(reservation.block_ids[first : first + len(ids)])))
+            send(layer, first, ids)
+
+        session.send_layer = send_layer
+        return session
+
+    transport.open = recording_open
+    streamer = LayerStreamer(engine, p.client, transport)
+    prompts = [[(7 * i + 3) % 250 for i in range(99)], [5] * 40, [9] * 17]
+    for i, prompt in enumerate(prompts):
+        streamer.add_request(f"s{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0))
+    num_bytes = {}
+    while streamer.num_in_flight:
+        for outcome in streamer.step():
+            assert outcome.status is TransferStatus.COMMITTED, outcome.detail
+            num_bytes[outcome.request_id] = outcome.record.num_bytes
+            # Its local blocks were released in this step and nothing ran since: they still
+            # hold what was sent, as do its decode blocks (freed at commit, not reused yet).
+            torch.cuda.synchronize(0)
+            for layer, local, remote in sends[outcome.request_id]:
+                got = transport.remote[layer].index_select(1, torch.tensor(remote, device="cuda:1"))
+                want = engine.pool.cache[layer].index_select(
+                    1, torch.tensor(local, device="cuda:0")
+                )
+                assert torch.equal(got.to("cuda:0").view(torch.int16), want.view(torch.int16))
+    lbb = engine.pool.layer_block_bytes
+    assert num_bytes == {"s0": 7 * 2 * lbb, "s1": 3 * 2 * lbb, "s2": 2 * 2 * lbb}
+    assert {rid: sum(len(local) for _, local, _ in log) for rid, log in sends.items()} == {
+        "s0": 7 * 2, "s1": 3 * 2, "s2": 2 * 2,
+    }  # fmt: skip
+    assert engine.num_free_blocks == 64
+    assert p.num_free_remote == NUM_DECODE_BLOCKS

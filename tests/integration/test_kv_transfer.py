@@ -6,6 +6,7 @@ block count is back where it started (and the prefill engine's too).
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from engine.engine import Engine
 from engine.presets import preset
 from engine.sampling_params import SamplingParams
 from kv_transfer.client import ClientConfig, KVTransferClient, RemoteReservation
+from kv_transfer.cuda_ipc import contiguous_runs, issue_copies, layer_digests, plan_copies
 from kv_transfer.layer_stream import LayerStreamer, TransferStatus
 from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server
 from kv_transfer.sink import EngineSink
@@ -494,6 +496,19 @@ def test_oversized_chunk_is_refused(decode: Decode):
         assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
 
 
+def test_failing_write_ends_the_stream_and_frees(decode: Decode, monkeypatch: pytest.MonkeyPatch):
+    def broken(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(decode.sink, "write_blocks", broken)
+    with decode.client() as client:
+        r, layout = reserve_prompt(client)
+        chunks = [raw_chunk(r, layout, layer, 0, 7) for layer in (0, 1)] * 3  # more than queued
+        details = expect_status(grpc.StatusCode.INTERNAL, lambda: stream(client, *chunks))
+        assert "disk on fire" in details
+        assert decode.engine.num_free_blocks == decode.free_at_start
+
+
 def test_commit_before_every_block_arrived_is_refused(decode: Decode):
     with decode.client() as client:
         r, layout = reserve_prompt(client)
@@ -501,6 +516,61 @@ def test_commit_before_every_block_arrived_is_refused(decode: Decode):
         assert "before every block" in expect_status(
             grpc.StatusCode.FAILED_PRECONDITION, lambda: client.commit(r, 1)
         )
+
+
+class MemmoveRuntime:
+    """What cudaMemcpy2DAsync does, on host memory (the GPU path's copies, simulated)."""
+
+    def memcpy_2d_async(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:  # noqa: ANN001
+        for row in range(height):
+            ctypes.memmove(dst + row * dst_pitch, src + row * src_pitch, width)
+
+
+def copy_like_the_gpu_path(prefill: Engine, decode: Decode, local: list[int], r) -> list[int]:  # noqa: ANN001
+    """Copy local blocks into the reserved decode blocks with the GPU path's plan; returns
+    the per-layer digests the GPU path would send."""
+    src, dst = prefill.pool.cache, decode.engine.pool.cache
+    layers = range(prefill.pool.num_layers)
+    sent, remote = local[r.num_cached_blocks :], r.block_ids[r.num_cached_blocks :]
+    copies = plan_copies(
+        layers,
+        contiguous_runs(sent, remote),
+        src.shape[2],
+        dst.shape[2],
+        prefill.pool.layer_block_bytes // 2,
+        max_pitch=2**31 - 1,
+    )
+    issue_copies(MemmoveRuntime(), copies, src.data_ptr(), dst.data_ptr(), stream=0)
+    return layer_digests(src, layers, sent, r.num_cached_blocks).tolist()
+
+
+def test_copy_path_commit_checks_digests_then_decodes_like_colocated(
+    decode: Decode, prefill: Engine
+):
+    """The decode side of the same-host GPU path on CPU pools: Commit with per-layer
+    digests instead of streamed chunks; a wrong digest fails the transfer and frees."""
+    layout = KVLayout.of_pool(prefill.pool)
+    layers = list(range(layout.num_layers))
+    blocks, first = prefill_held(prefill, "g", PROMPT)
+    with decode.client() as client:
+        r = client.reserve("g", PROMPT, GREEDY, layout, transport=pb.TRANSPORT_CUDA_IPC)
+        digests = copy_like_the_gpu_path(prefill, decode, blocks, r)
+        assert block_bytes(decode.engine, list(r.block_ids)) == block_bytes(prefill, blocks)
+        resp = client.commit(r, first, layers, digests)
+        assert resp.num_bytes_received == 7 * 2 * layout.layer_block_bytes
+        bad = client.reserve("bad", PROMPT, GREEDY, layout, transport=pb.TRANSPORT_CUDA_IPC)
+        digests = copy_like_the_gpu_path(prefill, decode, blocks, bad)
+        digests[1] += 1
+        assert "digest mismatch on layers [1]" in expect_status(
+            grpc.StatusCode.DATA_LOSS, lambda: client.commit(bad, first, layers, digests)
+        )
+        partial = client.reserve("partial", PROMPT, GREEDY, layout)
+        digests = copy_like_the_gpu_path(prefill, decode, blocks, partial)
+        assert "covered layers [0]" in expect_status(
+            grpc.StatusCode.DATA_LOSS, lambda: client.commit(partial, first, [0], digests)
+        )
+    prefill.release("g")
+    assert decode.run_to_completion() == {"g": reference_tokens([PROMPT])[0]}
 
 
 def test_gpu_path_refused_on_cpu_pool(decode: Decode):
