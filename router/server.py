@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_reflection.v1alpha import reflection
 
 from protos import serving_pb2 as pb
 from router.router import Router
@@ -168,7 +167,12 @@ class RouterServer:
         )
         server.add_generic_rpc_handlers((_handlers(ServingServicer(self.router, self._token)),))
         if self._reflection:
-            reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
+            try:  # a pinned dependency; absent only on images that bring their own grpcio
+                from grpc_reflection.v1alpha import reflection
+            except ImportError:
+                log.warning("grpcio-reflection is not installed: server reflection is off")
+            else:
+                reflection.enable_server_reflection((SERVICE_NAME, reflection.SERVICE_NAME), server)
         bind = f"{self.host}:{self._want_port}"
         if self._tls is None:
             self.port = server.add_insecure_port(bind)
