@@ -288,7 +288,7 @@ class CudaIpcTransport(KVTransport):
             runtime = cuda_runtime()
         except CudaRuntimeUnavailable as e:
             raise GpuPathUnavailable(str(e)) from e
-        local, peer = pool.device.index, remote.device.index
+        local, peer = pool.cache.device.index, remote.device.index  # pool.device may lack one
         if local != peer and not torch.cuda.can_device_access_peer(peer, local):
             raise GpuPathUnavailable(f"cuda:{peer} cannot reach cuda:{local} peer to peer")
         return cls(client, pool, remote, runtime)
