@@ -23,11 +23,14 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from kv_transfer import cuda_ipc
 from kv_transfer.chunk_writer import CHUNK_ERROR_CODES, ChunkWriter
@@ -362,6 +365,34 @@ class KVTransferServer:
                 self.servicer.fail_lease(lease, "server stopping")
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What a unary request that protobuf could not parse becomes (instead of raising)."""
+
+    message: str
+
+
+def _tolerant(message_cls: Any) -> Callable[[bytes], Any]:
+    """`FromString` that never raises: gRPC would answer a raising deserializer INTERNAL."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return _Undecodable(f"not a valid {message_cls.DESCRIPTOR.full_name}: {e}")
+
+    return parse
+
+
+def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return method(request, context)
+
+    return handler
+
+
 def _add_servicer(servicer: KVTransferServicer, server: grpc.Server) -> None:
     """`add_KVTransferServicer_to_server`, except that StreamChunks gets each message as
     the bytes gRPC received: protobuf would copy every 4 MiB payload into a new bytes
@@ -369,8 +400,8 @@ def _add_servicer(servicer: KVTransferServicer, server: grpc.Server) -> None:
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
         "Reserve": unary(
-            servicer.Reserve,
-            request_deserializer=pb.ReserveRequest.FromString,
+            _refusing_undecodable(servicer.Reserve),
+            request_deserializer=_tolerant(pb.ReserveRequest),
             response_serializer=pb.ReserveResponse.SerializeToString,
         ),
         "StreamChunks": grpc.stream_unary_rpc_method_handler(
@@ -379,23 +410,23 @@ def _add_servicer(servicer: KVTransferServicer, server: grpc.Server) -> None:
             response_serializer=pb.StreamSummary.SerializeToString,
         ),
         "Commit": unary(
-            servicer.Commit,
-            request_deserializer=pb.CommitRequest.FromString,
+            _refusing_undecodable(servicer.Commit),
+            request_deserializer=_tolerant(pb.CommitRequest),
             response_serializer=pb.CommitResponse.SerializeToString,
         ),
         "Abort": unary(
-            servicer.Abort,
-            request_deserializer=pb.AbortRequest.FromString,
+            _refusing_undecodable(servicer.Abort),
+            request_deserializer=_tolerant(pb.AbortRequest),
             response_serializer=pb.AbortResponse.SerializeToString,
         ),
         "Health": unary(
-            servicer.Health,
-            request_deserializer=pb.HealthRequest.FromString,
+            _refusing_undecodable(servicer.Health),
+            request_deserializer=_tolerant(pb.HealthRequest),
             response_serializer=pb.HealthResponse.SerializeToString,
         ),
         "OpenPool": unary(
-            servicer.OpenPool,
-            request_deserializer=pb.OpenPoolRequest.FromString,
+            _refusing_undecodable(servicer.OpenPool),
+            request_deserializer=_tolerant(pb.OpenPoolRequest),
             response_serializer=pb.PoolHandle.SerializeToString,
         ),
     }

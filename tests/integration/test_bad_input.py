@@ -619,12 +619,6 @@ def decode_layout() -> KVLayout:
     return KVLayout(m.num_hidden_layers, cfg.block_size, m.num_key_value_heads, m.head_dim, dtype)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kv_transfer/server.py deserializes unary requests with protobuf's FromString, "
-    "which raises on garbage: gRPC answers INTERNAL (needs a non-raising deserializer, as "
-    "router/validation.py's deserialize_generate; owner: kv_transfer)",
-)
 def test_garbage_at_kv_unary_rpcs_is_invalid_argument(
     cluster: Cluster, client: BatonClient
 ) -> None:
