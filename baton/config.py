@@ -103,12 +103,15 @@ class RouterConfig:
     auth_token: str | None = None  # set: clients must send "authorization: Bearer <token>"
     load_poll_interval_s: float = 0.1  # how often the router refreshes worker load
     reflection: bool = True
+    tls_cert_file: str | None = None  # PEM certificate chain; set with tls_key_file: TLS on
+    tls_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"cluster.router.port must be in [0, 65535], got {self.port}")
         if self.load_poll_interval_s <= 0:
             raise ValueError("cluster.router.load_poll_interval_s must be > 0")
+        _check_tls_pair("cluster.router", self.tls_cert_file, self.tls_key_file)
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,30 @@ class KVTransferSettings:
     transport: TransportName = TransportName.AUTO
     lease_s: float = 30.0  # a reservation not committed by then is freed
     finish_timeout_s: float = 30.0  # the prefill side's wait for the last bytes to land
+    # TLS for the KV-transfer service: decode workers serve with cert/key; prefill workers
+    # trust tls_ca_file (default: the certificate itself, for a self-signed one) and check
+    # the name tls_server_name (default: the decode worker's bind address).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.lease_s <= 0 or self.finish_timeout_s <= 0:
             raise ValueError("cluster.kv_transfer.lease_s and finish_timeout_s must be > 0")
+        _check_tls_pair("cluster.kv_transfer", self.tls_cert_file, self.tls_key_file)
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("cluster.kv_transfer.tls_ca_file needs tls_cert_file and tls_key_file")
+        if self.tls_ca_file is not None and not Path(self.tls_ca_file).is_file():
+            raise ValueError(f"cluster.kv_transfer.tls_ca_file: no file at {self.tls_ca_file}")
+
+
+def _check_tls_pair(section: str, cert: str | None, key: str | None) -> None:
+    if (cert is None) != (key is None):
+        raise ValueError(f"{section}: set both tls_cert_file and tls_key_file, or neither")
+    for name, path in (("tls_cert_file", cert), ("tls_key_file", key)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{section}.{name}: no file at {path}")
 
 
 @dataclass(frozen=True)

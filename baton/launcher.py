@@ -172,10 +172,11 @@ def launch(
     from decode_worker.actor import DecodeActor
     from decode_worker.worker import KVServiceSpec
     from engine.tokenizer import load_tokenizer
+    from kv_transfer.server import TlsConfig
     from prefill_worker.actor import PrefillActor
     from router.policies import make_policy
     from router.router import Router
-    from router.server import RouterServer
+    from router.server import RouterServer, ServerTls
     from router.workers import RayDecodeClient, RayPrefillClient
 
     c = cfg.cluster
@@ -194,6 +195,10 @@ def launch(
     model_path = str(cfg.model_path) if cfg.model_path else None
     kv = c.kv_transfer
     token = kv.auth_token or secrets.token_hex(16)
+    kv_server_tls = (
+        TlsConfig(_read(kv.tls_cert_file), _read(kv.tls_key_file)) if kv.tls_cert_file else None
+    )
+    kv_root_pem = _read(kv.tls_ca_file or kv.tls_cert_file) if kv.tls_cert_file else None
     common = {
         "num_gpus": c.gpus_per_worker,
         "max_restarts": c.max_restarts,
@@ -211,6 +216,8 @@ def launch(
             kv.lease_s,
             kv.finish_timeout_s,
             (prefill_transport_factories or {}).get(i),
+            kv_root_pem,
+            kv.tls_server_name,
         )
         for i in range(c.num_prefill_workers)
     ]
@@ -219,7 +226,7 @@ def launch(
         DecodeActor.options(**common, **d_opts[i]).remote(
             f"{role}-{i}",
             WorkerSpec(cfg.decode, model_path, c.cpu_threads_per_worker),
-            KVServiceSpec(token, kv.bind_host, kv.lease_s) if disagg else None,
+            KVServiceSpec(token, kv.bind_host, kv.lease_s, kv_server_tls) if disagg else None,
         )
         for i in range(c.num_decode)
     ]
@@ -261,6 +268,11 @@ def launch(
             auth_token=c.router.auth_token,
             max_request_bytes=c.limits.max_request_bytes,
             reflection_on=c.router.reflection,
+            tls=(
+                ServerTls(_read(c.router.tls_cert_file), _read(c.router.tls_key_file))
+                if c.router.tls_cert_file
+                else None
+            ),
         )
 
     cluster = Cluster(cfg, prefill_actors, decode_actors, make_server(), pgs, make_server)
@@ -271,3 +283,8 @@ def launch(
         cluster.stop(grace_s=0.0)
         raise
     return cluster
+
+
+def _read(path: str | None) -> bytes:
+    assert path is not None
+    return Path(path).read_bytes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -34,8 +35,8 @@ class DecodeActor:
         from baton.launcher import build_engine, resolve_bind_host
 
         if kv_service is not None:
-            kv_service = KVServiceSpec(
-                kv_service.auth_token, resolve_bind_host(kv_service.bind_host), kv_service.lease_s
+            kv_service = dataclasses.replace(
+                kv_service, bind_host=resolve_bind_host(kv_service.bind_host)
             )
         engine = build_engine(worker_spec)
         node_id = ray.get_runtime_context().get_node_id()

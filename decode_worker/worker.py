@@ -40,7 +40,7 @@ from decode_worker.streams import OutputStreams
 from engine.engine import Engine, RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.lease import LeaseState
-from kv_transfer.server import KVTransferServer, ServerConfig, start_server
+from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server
 from kv_transfer.sink import EngineSink
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class KVServiceSpec:
     auth_token: str
     bind_host: str  # the address to bind and to advertise
     lease_s: float = 30.0
+    tls: TlsConfig | None = None  # set: the KV-transfer port serves TLS
 
 
 class DecodeWorker:
@@ -113,6 +114,7 @@ class DecodeWorker:
                     bind=f"{spec.bind_host}:0",
                     default_lease_s=spec.lease_s,
                     max_lease_s=max(spec.lease_s, 120.0),
+                    tls=spec.tls,
                 ),
             )
             self.kv_address = f"{spec.bind_host}:{self._kv.port}"

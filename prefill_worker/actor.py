@@ -26,6 +26,8 @@ class PrefillActor:
         lease_s: float,
         finish_timeout_s: float,
         transport_factory: TransportFactory | None = None,
+        kv_tls_root_pem: bytes | None = None,
+        kv_tls_server_name: str | None = None,
     ) -> None:
         """transport_factory: None for kv_transfer's own (`make_transport`); tests pass
         prefill_worker/faults.py's to inject transfer faults."""
@@ -41,6 +43,8 @@ class PrefillActor:
             finish_timeout_s,
             node_id=ray.get_runtime_context().get_node_id(),
             transport_factory=transport_factory or make_transport,
+            kv_tls_root_pem=kv_tls_root_pem,
+            kv_tls_server_name=kv_tls_server_name,
         )
         self.worker.start()
 

@@ -97,7 +97,10 @@ class PrefillWorker:
         finish_timeout_s: float = 30.0,
         node_id: str = "",
         transport_factory: TransportFactory = make_transport,
+        kv_tls_root_pem: bytes | None = None,
+        kv_tls_server_name: str | None = None,
     ) -> None:
+        """kv_tls_root_pem set: KV-transfer connections use TLS and trust these roots."""
         self.name = name
         self.engine = engine
         self.node_id = node_id
@@ -106,6 +109,8 @@ class PrefillWorker:
         self._make_transport = transport_factory
         self._lease_s = lease_s
         self._finish_timeout_s = finish_timeout_s
+        self._tls_root_pem = kv_tls_root_pem
+        self._tls_server_name = kv_tls_server_name
         self._inbox: queue.SimpleQueue[_Task | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streamers: dict[str, LayerStreamer] = {}  # kv address -> streamer
@@ -232,7 +237,14 @@ class PrefillWorker:
     def _streamer(self, kv_address: str) -> LayerStreamer:
         s = self._streamers.get(kv_address)
         if s is None:
-            client = KVTransferClient(ClientConfig(target=kv_address, auth_token=self._token))
+            client = KVTransferClient(
+                ClientConfig(
+                    target=kv_address,
+                    auth_token=self._token,
+                    tls_root_certs_pem=self._tls_root_pem,
+                    tls_server_name=self._tls_server_name,
+                )
+            )
             transport = self._make_transport(self._transport_kind, client, self.engine.pool)
             s = LayerStreamer(self.engine, client, transport, self._lease_s, self._finish_timeout_s)
             self._streamers[kv_address] = s

@@ -77,6 +77,9 @@ _PREFILL_CODES = {
 _RETRYABLE_PREFILL_CODES = frozenset({"UNAVAILABLE", "DATA_LOSS", "ABORTED", "NOT_FOUND"})
 DEFAULT_MAX_ATTEMPTS = 3
 PROBE_TIMEOUT_S = 2.0
+# A worker that is alive but slow to report (a saturated CPU) is marked down only after this
+# many silent probes in a row; an actor error (a dead process) marks it down at once.
+SILENT_PROBES_DOWN = 3
 
 
 class AttemptFailed(Exception):
@@ -99,6 +102,7 @@ class WorkerSlot:
     in_flight: int = 0
     healthy: bool = True
     detail: str = ""
+    silent_probes: int = 0  # load reports in a row that timed out
 
     def view(self, prefix_match_tokens: int) -> WorkerView:
         load = self.load
@@ -244,10 +248,14 @@ class Router:
             try:
                 load = await asyncio.wait_for(slot.client.load(), PROBE_TIMEOUT_S)
             except (TimeoutError, WorkerUnavailable) as e:
+                slot.silent_probes += 1
+                if isinstance(e, TimeoutError) and slot.silent_probes < SILENT_PROBES_DOWN:
+                    return  # slow, not (yet) dead: keep routing to it
                 if slot.healthy:
                     log.warning("worker %s is down: %r", slot.client.name, e)
                 slot.healthy, slot.detail = False, f"load report failed: {e!r}"
                 return
+            slot.silent_probes = 0
             self._adopt(slot, load)
 
         await asyncio.gather(*(one(s) for s in slots))
