@@ -6,8 +6,8 @@ from tests (which call it with a blocking client). Reflection is on unless the c
 otherwise, so `grpcurl` lists and calls the service without the .proto files.
 
 Statuses: validation -> INVALID_ARGUMENT / RESOURCE_EXHAUSTED (router/validation.py);
-a Generate larger than limits.max_request_bytes -> RESOURCE_EXHAUSTED (gRPC's own receive
-limit); missing or wrong API key -> UNAUTHENTICATED (with `tls` given, the port serves TLS,
+a Generate larger than limits.max_request_bytes -> RESOURCE_EXHAUSTED naming the limit (past
+RECEIVE_LIMIT_FACTOR times it, gRPC's own receive limit answers first); missing or wrong API key -> UNAUTHENTICATED (with `tls` given, the port serves TLS,
 so the key never crosses the wire in clear); no worker -> UNAVAILABLE; deadline ->
 DEADLINE_EXCEEDED. A client that cancels (or whose deadline passes) cancels the handler,
 and the router's cleanup aborts the request on every worker.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import logging
 import threading
@@ -31,6 +32,7 @@ from router.router import Router
 from router.validation import RequestError, deserialize_generate
 
 log = logging.getLogger(__name__)
+RECEIVE_LIMIT_FACTOR = 4  # gRPC's own receive limit, in units of limits.max_request_bytes
 
 SERVICE_NAME = "baton.v1.Serving"
 AUTH_METADATA_KEY = "authorization"  # value: "Bearer <token>"
@@ -79,7 +81,7 @@ class ServingServicer:
         return await self.router.stats()
 
 
-def _handlers(servicer: ServingServicer) -> grpc.GenericRpcHandler:
+def _handlers(servicer: ServingServicer, max_request_bytes: int) -> grpc.GenericRpcHandler:
     # As the generated add_ServingServicer_to_server, but Generate's deserializer never
     # raises (bad UTF-8 must be INVALID_ARGUMENT naming the field, not INTERNAL).
     return grpc.method_handlers_generic_handler(
@@ -87,7 +89,9 @@ def _handlers(servicer: ServingServicer) -> grpc.GenericRpcHandler:
         {
             "Generate": grpc.unary_stream_rpc_method_handler(
                 servicer.Generate,
-                request_deserializer=deserialize_generate,
+                request_deserializer=functools.partial(
+                    deserialize_generate, max_bytes=max_request_bytes
+                ),
                 response_serializer=pb.GenerateResponse.SerializeToString,
             ),
             "Health": grpc.unary_unary_rpc_method_handler(
@@ -161,11 +165,14 @@ class RouterServer:
         await self.router.start()
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", self._max_request_bytes),
+                # gRPC refuses larger messages with its own text; up to this bound the
+                # deserializer refuses them naming limits.max_request_bytes.
+                ("grpc.max_receive_message_length", RECEIVE_LIMIT_FACTOR * self._max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ]
         )
-        server.add_generic_rpc_handlers((_handlers(ServingServicer(self.router, self._token)),))
+        servicer = ServingServicer(self.router, self._token)
+        server.add_generic_rpc_handlers((_handlers(servicer, self._max_request_bytes),))
         if self._reflection:
             try:  # a pinned dependency; absent only on images that bring their own grpcio
                 from grpc_reflection.v1alpha import reflection

@@ -7,8 +7,8 @@ Every check names the field it failed on, and maps to a gRPC status:
                          than the context, max_tokens 0 / negative / above the context,
                          temperature < 0, top_p outside (0, 1], top_k < -1, stop lists too
                          long, a bad request_id, any other SamplingParams error
-    RESOURCE_EXHAUSTED   request larger than limits.max_request_bytes (gRPC's own limit on
-                         the received message, set from the same number)
+    RESOURCE_EXHAUSTED   request larger than limits.max_request_bytes (refused by the
+                         deserializer before parsing; gRPC's receive limit is a multiple)
 
 Duplicate request ids and the in-flight limit are checked by the router, which owns the
 table of requests in flight.
@@ -46,6 +46,7 @@ class UndecodableRequest:
     """What the deserializer hands over instead of raising (grpc would say only INTERNAL)."""
 
     message: str
+    code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,17 @@ def find_bad_utf8(data: bytes, desc: Descriptor, prefix: str = "") -> str | None
     return None
 
 
-def deserialize_generate(data: bytes) -> pb.GenerateRequest | UndecodableRequest:
-    """GenerateRequest.FromString that never raises: grpc would turn that into INTERNAL."""
+def deserialize_generate(
+    data: bytes, max_bytes: int | None = None
+) -> pb.GenerateRequest | UndecodableRequest:
+    """GenerateRequest.FromString that never raises: grpc would turn that into INTERNAL.
+
+    max_bytes: larger requests are refused (RESOURCE_EXHAUSTED) before they are parsed."""
+    if max_bytes is not None and len(data) > max_bytes:
+        return UndecodableRequest(
+            f"request is {len(data)} bytes; limits.max_request_bytes is {max_bytes}",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
     try:
         return pb.GenerateRequest.FromString(data)
     except DecodeError as e:
@@ -235,7 +245,7 @@ def validate(
 ) -> ValidatedRequest:
     """Raises RequestError; returns a request every worker will accept."""
     if isinstance(req, UndecodableRequest):
-        raise _fail(req.message)
+        raise RequestError(req.code, req.message)
     unknown = unknown_field_names(req)
     if unknown:
         raise _fail(f"unknown field(s) {', '.join(unknown)}: this server speaks baton.v1")

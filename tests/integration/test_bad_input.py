@@ -320,7 +320,7 @@ def listed_cases(vocab: int) -> list[tuple[str, bytes, grpc.StatusCode, tuple[st
             "request above max_request_bytes",
             req("a" * (MAX_REQUEST_BYTES + 100)),
             EXHAUSTED,
-            ("larger than max",),
+            ("limits.max_request_bytes",),
         ),
         (
             "unknown top-level field",

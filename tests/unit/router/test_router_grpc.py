@@ -179,6 +179,7 @@ def test_request_larger_than_the_limit(make_setup: Callable[..., Setup]) -> None
     with BatonClient(s.address) as c, pytest.raises(grpc.RpcError) as err:
         c.generate("x" * 2000, max_tokens=2)
     assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limits.max_request_bytes is 1000" in err.value.details()
 
 
 def test_invalid_utf8_over_the_wire(make_setup: Callable[..., Setup]) -> None:
