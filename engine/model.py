@@ -88,14 +88,14 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        self.fused = _fused_ops(device)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, Hq, D], k: [T, Hkv, D], positions: [T]
-        fused = _fused_ops(q.device)
-        if fused is not None:
-            fused.rotary_(q, k, positions, self.cos, self.sin)  # in place, one kernel each
+        if self.fused is not None:
+            self.fused.rotary_(q, k, positions, self.cos, self.sin)  # in place, one kernel each
             return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
@@ -158,12 +158,12 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, **kw)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self.fused = _fused_ops(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2I]
-        fused = _fused_ops(x.device)
-        if fused is not None:
-            return self.down_proj(fused.silu_and_mul(gate_up))
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

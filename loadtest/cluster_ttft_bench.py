@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.router_bench import _commit, record
+from loadtest.figures import current_commit, record
 
 PHASES = (
     "router_ms",
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {
         "card": card,
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": current_commit(),
         "command": command.strip(),
     }
     shape = f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens, one at a time, medians of {len(measured)}"

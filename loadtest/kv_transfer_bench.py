@@ -24,7 +24,6 @@ import logging
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -42,6 +41,7 @@ from kv_transfer.server import ServerConfig, start_server
 from kv_transfer.sink import PoolSink
 from kv_transfer.transport import GrpcTransport
 from kv_transfer.wire import DEFAULT_CHUNK_BYTES, KVLayout, checksum_of, kv_buffers
+from loadtest.figures import current_commit
 
 log = logging.getLogger("kv_transfer_bench")
 TOKEN = "bench-token"
@@ -260,18 +260,6 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
     ]
 
 
-def git_commit() -> str:
-    """Short commit, with "+uncommitted" when the tree has changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted" if dirty else "")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -297,7 +285,7 @@ def main() -> None:
     )
     run = {
         "date": time.strftime("%Y-%m-%d"),
-        "commit": git_commit(),
+        "commit": current_commit(),
         "command": "python -m loadtest.kv_transfer_bench " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "grpcio": grpc.__version__,

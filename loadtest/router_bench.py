@@ -25,14 +25,14 @@ import json
 import multiprocessing as mp
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from loadtest.figures import current_commit, record
+
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS_JSON = ROOT / "docs" / "benchmarks.json"
 PROMPT = "Short prompt: hi"  # 16 bytes -> 17 tokens with the byte tokenizer's BOS
 
 
@@ -122,31 +122,6 @@ async def _measure(address: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True
-        ).stdout
-        return f"uncommitted (base {head})" if dirty.strip() else head
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def record(entries: list[dict[str, Any]], path: Path = BENCHMARKS_JSON) -> None:
-    """Replace entries of the same name in the benchmarks file, keep the others."""
-    existing = json.loads(path.read_text()) if path.exists() else []
-    names = {e["name"] for e in entries}
-    merged = [e for e in existing if e.get("name") not in names] + entries
-    path.write_text(json.dumps(merged, indent=2) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {
         "card": args.card,
         "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
+        "commit": current_commit(),
         "command": command.strip(),
     }
     entries = [

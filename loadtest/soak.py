@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from baton.client import build_request
@@ -47,14 +46,7 @@ from loadtest.arrivals import OpenLoop
 from loadtest.datasets import BenchRequest
 from loadtest.metrics import RequestRecord
 from loadtest.runner import RunOptions, run
-from loadtest.targets import (
-    GrpcTarget,
-    GrpcTargetConfig,
-    StreamChunk,
-    TargetError,
-    Usage,
-    phases_from_timings,
-)
+from loadtest.targets import GrpcTarget, GrpcTargetConfig, StreamChunk, chunks_from_call
 from protos import serving_pb2 as pb
 
 # (share, prompt tokens range, output tokens range): short chat, medium, long documents.
@@ -174,21 +166,10 @@ class SoakTarget(GrpcTarget):
             timer.daemon = True
             timer.start()
         try:
-            for response in call:
-                last = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-                usage = timings = None
-                if last and response.HasField("usage"):
-                    u = response.usage
-                    usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-                if last and response.HasField("timings"):
-                    timings = phases_from_timings(response.timings)
-                yield StreamChunk(tuple(response.token_ids), response.text, usage, timings)
-        except grpc.RpcError as exc:
-            raise TargetError(exc.code().name, exc.details() or "") from None
+            yield from chunks_from_call(call)
         finally:
             if timer is not None:
                 timer.cancel()
-            call.cancel()
 
 
 # ---- resident memory ------------------------------------------------------------------------

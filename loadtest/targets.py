@@ -275,20 +275,28 @@ class GrpcTarget(Target):
             ),
             timeout_s=timeout_s,
         )
-        try:
-            for response in call:
-                last = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-                usage = timings = None
-                if last and response.HasField("usage"):
-                    u = response.usage
-                    usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-                if last and response.HasField("timings"):
-                    timings = phases_from_timings(response.timings)
-                yield StreamChunk(tuple(response.token_ids), response.text, usage, timings)
-        except grpc.RpcError as exc:
-            raise TargetError(exc.code().name, exc.details() or "") from None
-        finally:
-            call.cancel()  # a no-op once the stream has ended; else aborts it on the server
+        yield from chunks_from_call(call)
 
     def close(self) -> None:
         self.client.close()
+
+
+def chunks_from_call(call: Any) -> Iterator[StreamChunk]:
+    """A Generate call's responses as StreamChunks; gRPC errors become TargetError.
+
+    The call is cancelled on the way out: a no-op once the stream has ended, else it aborts
+    the request on the server (the consumer stopped early)."""
+    try:
+        for response in call:
+            last = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+            usage = timings = None
+            if last and response.HasField("usage"):
+                u = response.usage
+                usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+            if last and response.HasField("timings"):
+                timings = phases_from_timings(response.timings)
+            yield StreamChunk(tuple(response.token_ids), response.text, usage, timings)
+    except grpc.RpcError as exc:
+        raise TargetError(exc.code().name, exc.details() or "") from None
+    finally:
+        call.cancel()
