@@ -26,7 +26,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-import transformers
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster as RayTestCluster  # noqa: E402
@@ -39,7 +38,7 @@ from protos import serving_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 
-VOCAB = 320
+VOCAB = 320  # as the `checkpoint` fixture in conftest.py
 MAX_LEN = 256
 NUM_BLOCKS = 64
 
@@ -61,28 +60,6 @@ def ray_two_nodes() -> Iterator[RayTestCluster]:
     yield nodes
     ray.shutdown()
     nodes.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    torch.manual_seed(7)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_LEN,
-        initializer_range=0.1,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder)
-    return folder, model
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:

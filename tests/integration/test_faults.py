@@ -36,7 +36,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-import transformers
 
 ray = pytest.importorskip("ray")
 
@@ -47,7 +46,7 @@ from prefill_worker.faults import ChunkFaults, Fault, FaultRule  # noqa: E402
 
 pytestmark = pytest.mark.timeout(150)  # the first test also launches the cluster
 
-VOCAB = 320
+VOCAB = 320  # as the `checkpoint` fixture in conftest.py
 MAX_LEN = 256
 NUM_BLOCKS = 64
 CALL_TIMEOUT_S = 60.0  # a client call still open after this counts as a hang
@@ -80,28 +79,6 @@ def counts() -> Iterator[dict[str, dict[str, int]]]:
         f"{total.get('requests_lost', 0)} lost, {total.get('blocks_leaked', 0)} blocks leaked, "
         f"{total.get('hangs', 0)} hangs -> {RESULTS}"
     )
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    torch.manual_seed(7)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_LEN,
-        initializer_range=0.1,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    folder = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(folder)
-    return folder, model
 
 
 @pytest.fixture(scope="module")
