@@ -7,18 +7,23 @@ A step's flat token batch is ordered prefill sequences first, then decoding sequ
     qsl:     0             4       6    7    8    9      (query_start_loc, [B+1])
     seq_lens:  ctx0 + 4      ctx1+2  L0   L1   L2         (tokens in the cache after this step)
 
-Every backend first writes the step's new K/V into the pool at `slot_mapping`, then lets
-each query token attend to all cached positions up to and including its own.
+Every backend first rotates q and k (rotary embeddings; on CUDA fused with the write) and
+writes the step's new K/V into the pool at `slot_mapping`, then lets each query token attend
+to all cached positions up to and including its own.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.kv_pool import KVPool
+
+if TYPE_CHECKING:
+    from engine.model import RotaryEmbedding
 
 
 @dataclass
@@ -51,6 +56,23 @@ class AttentionBackend(ABC):
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, meta.slot_mapping, v)
 
+    def rotate_and_write(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding | None,
+        positions: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Apply rotary embeddings (if given) and store k/v in the pool; returns q rotated."""
+        if rotary is not None:
+            assert positions is not None
+            q, k = rotary(positions, q, k)
+        self.write_kv(layer_idx, k, v, meta)
+        return q
+
     @abstractmethod
     def forward(
         self,
@@ -59,8 +81,11 @@ class AttentionBackend(ABC):
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]."""
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]. With `rotary`, q and k are
+        rotated by `positions` first (k as stored in the pool)."""
 
 
 def gather_sequence_kv(
@@ -106,8 +131,10 @@ class TorchReferenceBackend(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self.write_kv(layer_idx, k, v, meta)
+        q = self.rotate_and_write(layer_idx, q, k, v, meta, rotary, positions)
         k_cache, v_cache = self.pool.layer(layer_idx)
         out = torch.empty_like(q)
         start = 0
@@ -138,9 +165,18 @@ class TritonBackend(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        self.write_kv(layer_idx, k, v, meta)
         k_cache, v_cache = self.pool.layer(layer_idx)
+        if rotary is not None and rotary.fused is not None:
+            assert positions is not None
+            # One kernel: q rotated in place, k rotated and v stored into their slots.
+            rotary.fused.rotary_and_cache_(
+                q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping
+            )
+        else:
+            q = self.rotate_and_write(layer_idx, q, k, v, meta, rotary, positions)
         out = torch.empty_like(q)
         npt, nps = meta.num_prefill_tokens, meta.num_prefill_seqs
         if nps:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from engine import gemv
 from engine.attention import make_backend
 from engine.block_manager import BlockManager, PrefixCacheStats
 from engine.config import EngineConfig
@@ -99,6 +100,7 @@ class Engine:
         else:
             load_checkpoint(self.model, Path(model_path))
         self.model.eval()
+        gemv.tune(self.model)  # CUDA: cuBLAS or a GEMV for each batch-1 product shape
         num_blocks = self._num_kv_blocks()
         # One extra block beyond the manager's range: scratch space for graph padding rows.
         self.pool = KVPool(config.model, num_blocks + 1, config.block_size, self.dtype, self.device)

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig, RopeScaling
+from engine.gemv import DecodeLinear
 
 
 class RMSNorm(nn.Module):
@@ -119,10 +120,10 @@ class Attention(nn.Module):
         self.q_size = config.q_size
         self.kv_size = config.kv_size
         kw = {"dtype": dtype, "device": device}
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = DecodeLinear(
             config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias, **kw
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias, **kw)
+        self.o_proj = DecodeLinear(self.q_size, config.hidden_size, bias=config.o_proj_bias, **kw)
         self.q_norm = (
             RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device) if config.qk_norm else None
         )
@@ -146,8 +147,7 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = backend.forward(self.layer_idx, q, k, v, meta)  # [T, Hq, D]
+        out = backend.forward(self.layer_idx, q, k, v, meta, rotary, positions)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -156,8 +156,8 @@ class MLP(nn.Module):
         super().__init__()
         kw = {"dtype": dtype, "device": device, "bias": config.mlp_bias}
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, **kw)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
+        self.gate_up_proj = DecodeLinear(config.hidden_size, 2 * config.intermediate_size, **kw)
+        self.down_proj = DecodeLinear(config.intermediate_size, config.hidden_size, **kw)
         self.fused = _fused_ops(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +235,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(
+            else DecodeLinear(
                 config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device
             )
         )
@@ -266,8 +266,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        return F.linear(hidden, self.model.embed_tokens.weight).float()
 
     # ---- checkpoint mapping -------------------------------------------------------------
 

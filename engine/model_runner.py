@@ -2,9 +2,11 @@
 
 On CUDA, decode-only steps replay CUDA graphs captured at start-up for batch-size buckets
 (1, 2, 4, 8, 16, 24, ... up to `cuda_graph_max_batch`): one graph launch replaces the
-~15 kernel launches per layer that otherwise dominate a small decode step. Inputs are copied
-into the graph's static buffers; padding rows of a bucket write their K/V to a scratch
-slot of a reserved block and are never read back.
+~10 kernel launches per layer that otherwise dominate a small decode step. The graph ends
+with the logits, so a decode step is: fill two pinned host buffers (ids, positions, slots;
+seq_lens, block tables), two host-to-device copies into the graph's static inputs, one
+replay, the sampler. Padding rows of a bucket write their K/V to a scratch slot of a
+reserved block and are never read back.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 @dataclass
 class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
-    hidden: torch.Tensor  # [bs, hidden] output buffer
+    logits: torch.Tensor  # [bs, vocab] fp32 output buffer
 
 
 class ModelRunner:
@@ -122,18 +124,17 @@ class ModelRunner:
         self, batch: ScheduledBatch, on_layer_done: Callable[[int], None] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         """Forward the batch; returns (logits [S, vocab] fp32, batch index of each row)."""
-        prepared = self.prepare(batch)
         n = len(batch.seqs)
         if (
             on_layer_done is None
             and batch.num_prefill_seqs == 0
             and self._graph_bucket(n) is not None
         ):
-            hidden = self._replay(prepared, n)
-        else:
-            hidden = self.model(
-                prepared.input_ids, prepared.positions, self.backend, prepared.meta, on_layer_done
-            )
+            return self._replay(batch), list(range(n))  # every decode row samples
+        prepared = self.prepare(batch)
+        hidden = self.model(
+            prepared.input_ids, prepared.positions, self.backend, prepared.meta, on_layer_done
+        )
         logits = self.model.compute_logits(hidden[prepared.logits_indices])
         return logits, prepared.sampling_rows
 
@@ -155,17 +156,24 @@ class ModelRunner:
         sizes = graph_batch_sizes(max_bs)
         dev = self.device
         bs = self.pool.block_size
+        # The inputs live in two packed device tensors (int64: ids, positions, slots; int32:
+        # seq_lens, block tables) filled from pinned twins by two copies per replay.
+        w = self.max_blocks
+        self._host64 = torch.zeros((3, max_bs), dtype=torch.long).pin_memory()
+        self._host32 = torch.zeros(max_bs * (1 + w), dtype=torch.int32).pin_memory()
+        self._host64[2] = self.scratch_block * bs
+        self._host32[:max_bs] = 1
+        self._host32[max_bs:] = self.scratch_block
+        self._dev64 = self._host64.to(dev)
+        self._dev32 = self._host32.to(dev)
+        self._copied = torch.cuda.Event()
         st = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
-            "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
-            "slot_mapping": torch.full(
-                (max_bs,), self.scratch_block * bs, dtype=torch.long, device=dev
-            ),
-            "seq_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
+            "input_ids": self._dev64[0],
+            "positions": self._dev64[1],
+            "slot_mapping": self._dev64[2],
+            "seq_lens": self._dev32[:max_bs],
             "query_start_loc": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
-            "block_tables": torch.full(
-                (max_bs, self.max_blocks), self.scratch_block, dtype=torch.int32, device=dev
-            ),
+            "block_tables": self._dev32[max_bs:].view(max_bs, w),
         }
         self._static = st
         pool_handle = None
@@ -187,27 +195,37 @@ class ModelRunner:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool_handle):
-                hidden = self.model(*args)
+                logits = self.model.compute_logits(self.model(*args))
             pool_handle = graph.pool()
-            self._graphs[size] = _DecodeGraph(graph=graph, hidden=hidden)
+            self._graphs[size] = _DecodeGraph(graph=graph, logits=logits)
         self._graphs = dict(sorted(self._graphs.items()))
         log.info("captured decode CUDA graphs for batch sizes %s", sorted(self._graphs))
 
-    def _replay(self, prepared: PreparedBatch, n: int) -> torch.Tensor:
+    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Decode-only batch through its bucket's graph; returns logits [n, vocab] (a view
+        of the graph's output, valid until the next replay)."""
+        n = len(batch.seqs)
         size = self._graph_bucket(n)
         assert size is not None
-        st = self._static
-        meta = prepared.meta
-        st["input_ids"][:n].copy_(prepared.input_ids)
-        st["positions"][:n].copy_(prepared.positions)
-        st["slot_mapping"][:n].copy_(meta.slot_mapping)
-        st["seq_lens"][:n].copy_(meta.seq_lens)
-        width = meta.block_tables.shape[1]
-        st["block_tables"][:n, :width].copy_(meta.block_tables)
-        # Rows n..size keep scratch values: they attend to the scratch block only.
-        if n < size:
-            st["slot_mapping"][n:size].fill_(self.scratch_block * self.pool.block_size)
-            st["seq_lens"][n:size].fill_(1)
-            st["block_tables"][n:size].fill_(self.scratch_block)
+        bs, w, max_bs = self.pool.block_size, self.max_blocks, self._host64.shape[1]
+        self._copied.synchronize()  # the last replay's copies have read the pinned buffers
+        h64 = self._host64.numpy()
+        h32 = self._host32.numpy()
+        tables = h32[max_bs:].reshape(max_bs, w)
+        for i, seq in enumerate(batch.seqs):
+            pos = seq.num_computed_tokens
+            table = seq.block_table
+            h64[0, i] = seq.token_ids[pos]
+            h64[1, i] = pos
+            h64[2, i] = table[pos // bs] * bs + pos % bs
+            h32[i] = pos + 1
+            tables[i, : len(table)] = table
+        # Rows n..size of the bucket write to and attend to the scratch block only.
+        h64[2, n:size] = self.scratch_block * bs
+        h32[n:size] = 1
+        tables[n:size] = self.scratch_block
+        self._dev64.copy_(self._host64, non_blocking=True)  # 3 x max_bs: small, contiguous
+        self._dev32[: max_bs + size * w].copy_(self._host32[: max_bs + size * w], non_blocking=True)
+        self._copied.record()
         self._graphs[size].graph.replay()
-        return self._graphs[size].hidden[:n]
+        return self._graphs[size].logits[:n]

@@ -9,6 +9,7 @@ activations from HBM ~35 times per layer. These kernels read and write each tens
   add_rms_norm   residual += x; out = rmsnorm(residual) * weight      (one pass per row)
   rms_norm       out = rmsnorm(x) * weight
   rotary         q, k rotated in place by the cos/sin of each token's position
+  rotary_cache   the same, with k (rotated) and v stored into their paged-cache slots
   silu_and_mul   out = silu(gate) * up over a fused [T, 2I] projection
 
 Arithmetic follows transformers' bf16 order where it matters for agreement: the residual sum
@@ -133,6 +134,89 @@ def rotary_(
             BLOCK_H=triton.next_power_of_2(x.shape[1]),
             num_warps=4,
         )
+
+
+@triton.jit
+def _rotary_cache_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    num_q_heads,
+    num_kv_heads,
+    q_token_stride,
+    q_head_stride,
+    k_token_stride,
+    k_head_stride,
+    v_token_stride,
+    v_head_stride,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    pos = tl.load(pos_ptr + tok)
+    d = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + pos * 2 * HALF + d)[None, :]  # fp32; the table repeats each half
+    s = tl.load(sin_ptr + pos * 2 * HALF + d)[None, :]
+    # q: rotated in place.
+    hq = tl.arange(0, BLOCK_HQ)[:, None]
+    qmask = hq < num_q_heads
+    qb = q_ptr + tok * q_token_stride + hq * q_head_stride + d[None, :]
+    q1 = tl.load(qb, mask=qmask, other=0.0)
+    q2 = tl.load(qb + HALF, mask=qmask, other=0.0)
+    q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(qb, (q1f * c - q2f * s).to(q1.dtype), mask=qmask)
+    tl.store(qb + HALF, (q2f * c + q1f * s).to(q1.dtype), mask=qmask)
+    # k: rotated straight into its cache slot; v copied beside it. Cache rows: [Hkv, 2*HALF].
+    slot = tl.load(slot_ptr + tok)
+    hk = tl.arange(0, BLOCK_HKV)[:, None]
+    kmask = hk < num_kv_heads
+    kb = k_ptr + tok * k_token_stride + hk * k_head_stride + d[None, :]
+    k1 = tl.load(kb, mask=kmask, other=0.0)
+    k2 = tl.load(kb + HALF, mask=kmask, other=0.0)
+    k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+    row = slot * num_kv_heads * 2 * HALF + hk * 2 * HALF + d[None, :]
+    tl.store(k_cache_ptr + row, (k1f * c - k2f * s).to(k1.dtype), mask=kmask)
+    tl.store(k_cache_ptr + row + HALF, (k2f * c + k1f * s).to(k1.dtype), mask=kmask)
+    vb = v_ptr + tok * v_token_stride + hk * v_head_stride + d[None, :]
+    tl.store(v_cache_ptr + row, tl.load(vb, mask=kmask, other=0.0), mask=kmask)
+    tl.store(v_cache_ptr + row + HALF, tl.load(vb + HALF, mask=kmask, other=0.0), mask=kmask)
+
+
+def rotary_and_cache_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """One launch for what `rotary_` plus the paged K/V write do in three: q [T, Hq, D] is
+    rotated in place; k [T, Hkv, D] rotated and v copied into their slots of k_cache/v_cache
+    ([num_blocks, block_size, Hkv, D], contiguous); k itself is left unrotated."""
+    t, _, d = q.shape
+    if t == 0:
+        return
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _rotary_cache_kernel[(t,)](
+        q, k, v, positions, cos, sin, slot_mapping, k_cache, v_cache,
+        q.shape[1], k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        HALF=d // 2,
+        BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+        BLOCK_HKV=triton.next_power_of_2(k.shape[1]),
+        num_warps=4,
+    )  # fmt: skip
 
 
 @triton.jit

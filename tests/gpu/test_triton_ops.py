@@ -90,6 +90,37 @@ def test_rotary_in_place_on_fused_qkv_views(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_cache_stores_rotated_k_and_v_in_their_slots(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    t, hq, hkv, d, max_len, num_blocks, bs = 7, 8, 2, 32, 64, 6, 4
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(DEVICE, dtype)
+    q = qkv[:, : hq * d].reshape(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].reshape(t, hkv, d)
+    v = qkv[:, (hq + hkv) * d :].reshape(t, hkv, d)
+    positions = torch.randint(0, max_len, (t,), generator=g).to(DEVICE)
+    slots = torch.randperm(num_blocks * bs, generator=g)[:t].to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.arange(max_len).float()[:, None] * inv_freq[None]
+    emb = torch.cat((emb, emb), -1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    q_ref, k_ref = q.clone(), k.clone()
+    triton_ops.rotary_(q_ref, k_ref, positions, cos, sin)  # checked against float64 above
+    k_before, v_ref = k.clone(), v.clone()
+    poison = float("nan") if dtype.is_floating_point else 0
+    k_cache = torch.full((num_blocks, bs, hkv, d), poison, dtype=dtype, device=DEVICE)
+    v_cache = torch.full_like(k_cache, poison)
+    triton_ops.rotary_and_cache_(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k, k_before)  # k itself is left as it was
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    assert torch.equal(flat_k[slots], k_ref)
+    assert torch.equal(flat_v[slots], v_ref)
+    untouched = torch.ones(num_blocks * bs, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 128), (5, 3000)])
 def test_silu_and_mul(dtype: torch.dtype, shape: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(shape[1])
@@ -97,3 +128,21 @@ def test_silu_and_mul(dtype: torch.dtype, shape: tuple[int, int]) -> None:
     x = torch.randn(t, 2 * n, generator=g).to(DEVICE, dtype)
     ref = torch.nn.functional.silu(x[:, :n].double()) * x[:, n:].double()
     assert rel_err(triton_ops.silu_and_mul(x), ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(40, 96), (130, 1000)])
+def test_gemv_against_float64(dtype: torch.dtype, bias: bool, shape: tuple[int, int]) -> None:
+    from engine.gemv import CANDIDATES, gemv
+
+    g = torch.Generator().manual_seed(shape[0])
+    n, k = shape  # neither a multiple of the blocks: masked edges on both axes
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    ref = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    for cfg in CANDIDATES:
+        out = gemv(x, w, b, cfg)
+        assert out.shape == (1, n) and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype], cfg
