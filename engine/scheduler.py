@@ -86,9 +86,10 @@ class Scheduler:
         decodes: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
 
-        # 1. Running sequences, oldest first.
+        # 1. Running sequences, oldest first, at most max_num_seqs of them (sequences handed
+        #    over by Engine.commit can push `running` past it; the rest wait their turn).
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and i < self.config.max_num_seqs:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.grow(seq, num_new):

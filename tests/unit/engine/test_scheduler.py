@@ -284,3 +284,20 @@ def test_remove_a_waiting_sequence() -> None:
     assert b.status is SequenceStatus.FINISHED
     assert list(sched.waiting) == [] and ids(sched.running) == ["a"]
     finish_all(sched)
+
+
+def test_running_past_max_num_seqs_schedules_the_oldest_only() -> None:
+    # Engine.commit (disaggregated decode) appends to `running` without admission control.
+    sched = make_scheduler(max_num_seqs=2)
+    seqs = [make_seq(f"r{i}", 3, 100 * i) for i in range(3)]
+    for seq in seqs:
+        assert sched.block_manager.admit(seq, seq.num_tokens)
+        seq.num_computed_tokens = seq.num_prompt_tokens  # as Engine.commit leaves it
+        seq.token_ids.append(SAMPLED_TOKEN)
+        seq.status = SequenceStatus.RUNNING
+        sched.running.append(seq)
+    batch = step(sched)
+    assert ids(batch.seqs) == ["r0", "r1"]
+    assert batch.num_new_tokens == [1, 1]
+    sched.remove(seqs[0])
+    assert ids(step(sched).seqs) == ["r1", "r2"]
