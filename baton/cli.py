@@ -74,7 +74,9 @@ def _serve(args: argparse.Namespace) -> int:
         router = dataclasses.replace(cfg.cluster.router, port=args.port)
         cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, router=router))
     ray.init(
-        address=args.address,
+        # "local": a Ray of this process's own, never one another process left running
+        # (address=None would join a `ray start` cluster or RAY_ADDRESS); --address auto joins.
+        address=args.address or "local",
         include_dashboard=False,
         log_to_driver=args.verbose,
         logging_level=logging.INFO if args.verbose else logging.WARNING,
@@ -237,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     ):
         serve = sub.add_parser(name, help=help_text)
         serve.add_argument("--config", default=str(LOCAL_CONFIG))
-        serve.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+        serve.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster to join, or auto (default: start a local Ray of its own)",
+        )
         serve.add_argument("--port", type=int, default=None, help="router port (default: config)")
         serve.add_argument("--model", default=None, help="a local Hugging Face checkpoint folder")
         serve.add_argument("--drain-s", type=float, default=5.0, help="grace period on Ctrl-C")

@@ -51,6 +51,26 @@ class WorkerSpec:
     cpu_threads: int = 1
 
 
+def cuda_device_index(ray_gpu_id: int | str, cuda_visible_devices: str | None) -> int:
+    """The torch device index of the GPU Ray assigned, in a process that sees every GPU.
+
+    Ray names GPUs as CUDA_VISIBLE_DEVICES lists them where that is set (ids "2" and "3" for
+    CUDA_VISIBLE_DEVICES=2,3, or UUIDs), while torch numbers the visible GPUs from 0: the
+    index is the id's position in that list. Unset, Ray's id is the index itself.
+    """
+    if cuda_visible_devices is None:
+        return int(ray_gpu_id)
+    visible = [d.strip() for d in cuda_visible_devices.split(",") if d.strip()]
+    try:
+        return visible.index(str(ray_gpu_id).strip())
+    except ValueError:
+        raise ValueError(
+            f"Ray assigned GPU {ray_gpu_id!r}, which is not in CUDA_VISIBLE_DEVICES="
+            f"{cuda_visible_devices!r}; start Ray from a process with the same "
+            "CUDA_VISIBLE_DEVICES as its workers"
+        ) from None
+
+
 def build_engine(spec: WorkerSpec) -> Engine:
     """Inside a worker process: pick the device Ray assigned, load the model and tokenizer."""
     import torch
@@ -61,7 +81,9 @@ def build_engine(spec: WorkerSpec) -> Engine:
     if cfg.device.startswith("cuda"):
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids and os.environ.get(NOSET_CUDA_ENV) == "1":
-            device = f"cuda:{int(gpu_ids[0])}"  # every worker sees every GPU (CUDA IPC)
+            # Every worker sees every GPU of the node (CUDA IPC needs one numbering).
+            index = cuda_device_index(gpu_ids[0], os.environ.get("CUDA_VISIBLE_DEVICES"))
+            device = f"cuda:{index}"
         else:
             device = "cuda:0"  # CUDA_VISIBLE_DEVICES holds only this worker's GPU
         torch.cuda.set_device(device)

@@ -36,7 +36,15 @@ def test_defaults_are_one_prefill_one_decode_round_robin() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["local.yaml", "gpu-1p1d.yaml", "gpu-2p2d.yaml", "gpu-colocated.yaml"]
+    "name",
+    [
+        "local.yaml",
+        "gpu-1p1d.yaml",
+        "gpu-1p3d.yaml",
+        "gpu-2p2d.yaml",
+        "gpu-3p1d.yaml",
+        "gpu-colocated.yaml",
+    ],
 )
 def test_shipped_configs_load(name: str) -> None:
     c = load_config(ROOT / "cluster_configs" / name)
