@@ -144,6 +144,7 @@ class DecodeWorker:
         has work, else sleeps until woken (Commit, submission) or IDLE_WAIT_S."""
         last_gc_s = time.monotonic()
         try:
+            self.engine.bind_thread()  # this thread launches the engine's kernels
             while not self._stop.is_set():
                 # First tokens of new commits go out before the next step computes (that
                 # step would add its own latency to their time to first token).

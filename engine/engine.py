@@ -280,6 +280,13 @@ class Engine:
 
     # ---- stepping ------------------------------------------------------------------------
 
+    def bind_thread(self) -> None:
+        """Make this engine's GPU the calling thread's current CUDA device. CUDA keeps the
+        current device per thread, and Triton launches on it: a worker's loop thread on
+        cuda:1 would otherwise launch every kernel on cuda:0's stream."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         self.current_batch = batch

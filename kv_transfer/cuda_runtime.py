@@ -1,9 +1,13 @@
 """The few CUDA runtime calls the same-host GPU path needs that torch does not expose.
 
-`torch.Tensor.copy_` moves one contiguous range per call and, across devices, adds two
-events per call; a request's KV in our pool layout is 2 x num_layers ranges per run of
-blocks. One `cudaMemcpy2DAsync` moves all of them at once (rows = (layer, K/V) pairs, the
-pitch = the pool's stride between them), so a 1k-token request is one call instead of 64.
+- `cudaIpcOpenMemHandle` / `cudaIpcCloseMemHandle`: map the decode pool into the context of
+  the *prefill* GPU (torch's own `rebuild_cuda_tensor` maps it on the GPU that owns it only,
+  where a kernel of the prefill GPU cannot reach it).
+- `cudaMemcpy2DAsync`: the copy-engine fallback (`CopyMode.MEMCPY`). `torch.Tensor.copy_`
+  moves one contiguous range per call and, across devices, adds two events per call; one
+  pitched copy moves a run of blocks in every (layer, K/V) row at once.
+- `cudaMemcpyAsync`: the block ids up and the digests down, on a given stream, without
+  entering torch's stream context (~15 us a time in Python).
 
 The functions are called through ctypes on the CUDA runtime library that torch has already
 loaded (found in /proc/self/maps), so the calls share torch's runtime state: its streams,
@@ -26,8 +30,17 @@ log = logging.getLogger(__name__)
 
 _CUDA_SUCCESS = 0
 _CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
+_CUDA_MEMCPY_HOST_TO_DEVICE = 1
 _CUDA_MEMCPY_DEFAULT = 4  # direction inferred from the pointers (unified addressing)
 _CUDA_DEV_ATTR_MAX_PITCH = 11
+_CUDA_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1  # map into this device's context, peer access on
+CUDA_IPC_HANDLE_SIZE = 64
+
+
+class _IpcMemHandle(ctypes.Structure):
+    """cudaIpcMemHandle_t: 64 opaque bytes, passed by value."""
+
+    _fields_ = [("reserved", ctypes.c_char * CUDA_IPC_HANDLE_SIZE)]
 
 
 class CudaRuntimeUnavailable(Exception):
@@ -75,6 +88,12 @@ class CudaRuntime:
         self._get_attr = lib.cudaDeviceGetAttribute
         self._get_attr.argtypes = [ctypes.POINTER(c_int), c_int, c_int]
         self._get_attr.restype = c_int
+        self._ipc_open = lib.cudaIpcOpenMemHandle
+        self._ipc_open.argtypes = [ctypes.POINTER(c_void_p), _IpcMemHandle, ctypes.c_uint]
+        self._ipc_open.restype = c_int
+        self._ipc_close = lib.cudaIpcCloseMemHandle
+        self._ipc_close.argtypes = [c_void_p]
+        self._ipc_close.restype = c_int
         self._last_error = lib.cudaGetLastError
         self._last_error.restype = c_int
         self._error_name = lib.cudaGetErrorName
@@ -107,6 +126,18 @@ class CudaRuntime:
             )
         self._check(err, f"cudaMemcpy2DAsync({width} x {height} bytes)")
 
+    def memcpy_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
+        """Queue a copy of num_bytes (direction from the addresses: device or pinned host)."""
+        err = self._memcpy(dst, src, num_bytes, _CUDA_MEMCPY_DEFAULT, stream)
+        self._check(err, f"cudaMemcpyAsync({num_bytes} bytes)")
+
+    def upload_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
+        """Queue a copy of num_bytes of pageable host memory to the device. The driver stages
+        the bytes before it returns (src may go at once) and may first wait for the work
+        queued on `stream`: use a stream whose work never waits on anything else."""
+        err = self._memcpy(dst, src, num_bytes, _CUDA_MEMCPY_HOST_TO_DEVICE, stream)
+        self._check(err, f"cudaMemcpyAsync({num_bytes} bytes to the device)")
+
     def enable_peer_access(self, peer_device: int) -> None:
         """Let the current device's kernels and copy engines reach peer_device's memory."""
         err = self._enable_peer(peer_device, 0)
@@ -114,6 +145,24 @@ class CudaRuntime:
             self._last_error()
             return
         self._check(err, f"cudaDeviceEnablePeerAccess({peer_device})")
+
+    def ipc_open_mem_handle(self, handle: bytes) -> int:
+        """Map another process's allocation (a raw 64-byte cudaIpcMemHandle_t) into the
+        context of the *current* device; returns its base address there. Peer access from
+        the current device to the owning one is enabled as needed (LazyEnablePeerAccess).
+        Opening a handle the current context has open already returns the same address and
+        counts one more reference (each open needs one close)."""
+        assert len(handle) == CUDA_IPC_HANDLE_SIZE, len(handle)
+        ptr = ctypes.c_void_p()
+        raw = _IpcMemHandle.from_buffer_copy(handle)
+        err = self._ipc_open(ctypes.byref(ptr), raw, _CUDA_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
+        self._check(err, "cudaIpcOpenMemHandle")
+        assert ptr.value, "cudaIpcOpenMemHandle returned a null address"
+        return ptr.value
+
+    def ipc_close_mem_handle(self, base: int) -> None:
+        """Unmap what ipc_open_mem_handle returned (with the same device current)."""
+        self._check(self._ipc_close(base), "cudaIpcCloseMemHandle")
 
     def max_pitch(self, device: int) -> int:
         value = ctypes.c_int()

@@ -68,12 +68,14 @@ class Lease:
         return self._num_missing == 0
 
     def mark_received(self, layer_idx: int, first_block: int, num_blocks: int) -> None:
-        """Record blocks [first_block, first_block + num_blocks) of a layer (idempotent)."""
+        """Record blocks [first_block, first_block + num_blocks) of a layer (idempotent).
+        Byte-string operations, not a Python loop: a GPU-path Commit marks every block."""
         row = self._received[layer_idx]
-        for i in range(first_block, first_block + num_blocks):
-            if not row[i]:
-                row[i] = 1
-                self._num_missing -= 1
+        end = first_block + num_blocks
+        if first_block < 0 or end > len(row):
+            raise IndexError(f"blocks [{first_block}, {end}) outside the table of {len(row)}")
+        self._num_missing -= row.count(0, first_block, end)
+        row[first_block:end] = b"\x01" * num_blocks
 
     def mark_all_received(self) -> None:
         for layer_idx in range(self.num_layers):

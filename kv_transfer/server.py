@@ -18,6 +18,7 @@ shared token in metadata (`AuthInterceptor`); TLS is on when `ServerConfig.tls` 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import logging
@@ -32,7 +33,7 @@ import grpc
 import torch
 from google.protobuf.message import DecodeError
 
-from kv_transfer import cuda_ipc
+from kv_transfer import ipc_handle, ipc_plan
 from kv_transfer.chunk_writer import CHUNK_ERROR_CODES, ChunkWriter
 from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
 from kv_transfer.metrics import TransferCounters
@@ -49,6 +50,14 @@ from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+
+def _beside_engine(device: torch.device) -> contextlib.AbstractContextManager:
+    """A side stream of a GPU (the engine's steps stay on theirs), or nothing on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
 
 MESSAGE_OVERHEAD_BYTES = 64 * 2**10  # headers of a chunk beyond its data
 
@@ -68,7 +77,7 @@ class ServerConfig:
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_workers: int = 64  # each open chunk stream holds one
     tls: TlsConfig | None = None
-    host_id: str = field(default_factory=cuda_ipc.host_id)
+    host_id: str = field(default_factory=ipc_handle.host_id)
 
     def __post_init__(self) -> None:
         if not self.auth_token:
@@ -291,14 +300,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             return f"{len(request.layer_digests)} layer digests, expected {lease.num_layers}"
         ids = lease.block_ids[lease.num_cached_blocks :]
         pool = self.sink.pool_tensor()
-        layers = range(lease.num_layers)
-        if pool.device.type == "cuda":  # beside the engine's stream, not behind its steps
-            with torch.cuda.stream(torch.cuda.Stream(pool.device)):
-                landed = cuda_ipc.layer_digests(pool, layers, ids, lease.num_cached_blocks)
-                landed_list = landed.tolist()
-        else:
-            landed_list = cuda_ipc.layer_digests(
-                pool, layers, ids, lease.num_cached_blocks
+        with _beside_engine(pool.device):  # on a GPU: one kernel launch, reads in place
+            landed_list = ipc_plan.layer_digests(
+                pool, range(lease.num_layers), ids, lease.num_cached_blocks
             ).tolist()
         bad = [
             i
@@ -339,7 +343,9 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         pool = self.sink.pool_tensor()
         if pool.device.type != "cuda":
             context.abort(precondition, "the receiver's KV pool is not on a GPU")
-        return cuda_ipc.export_pool(pool)
+        with _beside_engine(pool.device):  # compile the Commit check's kernel now, not then
+            ipc_plan.layer_digests(pool, range(1), [0], 0).tolist()
+        return ipc_handle.export_pool(pool)
 
 
 @dataclass

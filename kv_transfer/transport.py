@@ -4,8 +4,8 @@ Control always goes through gRPC (Reserve, Commit, Abort: see client.py); a tran
 only moves the bytes. Two exist, picked per (prefill, decode) pair by `make_transport`:
 
     grpc       chunks in a client stream (any pair; the only one on CPU)
-    cuda_ipc   peer copies into the decode pool opened through CUDA IPC (both pools on GPUs
-               of one host; see cuda_ipc.py)
+    cuda_ipc   the prefill GPU writes into the decode pool, mapped through CUDA IPC: one
+               kernel launch per send (both pools on GPUs of one host; see cuda_ipc.py)
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class KVTransport(ABC):
 
     @abstractmethod
     def open(self, reservation: RemoteReservation) -> TransferSession: ...
+
+    def close(self) -> None:  # noqa: B027 - most transports hold nothing to release
+        """Release what the transport holds (the GPU path: its mapping of the decode pool);
+        every session must have finished or aborted."""
 
 
 # ---- grpc: chunks in a client stream ----------------------------------------------------

@@ -192,6 +192,7 @@ class PrefillWorker:
     def _loop(self) -> None:
         """Invariant: every task is in exactly one of inbox, _tasks, or resolved."""
         try:
+            self.engine.bind_thread()  # this thread launches the engine's kernels
             while not self._stop.is_set():
                 self._drain_inbox()
                 self._expire()

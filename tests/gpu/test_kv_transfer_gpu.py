@@ -1,15 +1,19 @@
 """The same-host GPU path between two GPUs: exact bytes, digest check, no leaked blocks.
 
 The decode side (a bare pool behind the service) runs in a spawned process on cuda:1; this
-process is the prefill side on cuda:0 and maps the decode pool once through CUDA IPC (one
-transport for the module: the mapping is not reopened per transfer). Every test checks the
-bytes that landed in the decode pool (read through the mapping) against the prefill pool,
-and that the decode side's free-block count is back where it started.
+process is the prefill side on cuda:0 and maps the decode pool once through CUDA IPC into
+cuda:0's context (one transport for the module: the mapping is not reopened per transfer).
+Every test checks the bytes that landed in the decode pool (read back through the mapping
+by a cuda:0 kernel) against the prefill pool, commits (the decode process recomputes the
+digests over its own pool: an independent check of where the bytes went), and that the
+decode side's free-block count is back where it started. Block lists are shuffled and
+fragmented on purpose: the kernel path must not care.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -86,20 +90,33 @@ def prefill(decode_port: int) -> Iterator[Prefill]:
     pool.cache.view(torch.int16).random_(-(2**15), 2**15 - 1)
     client = KVTransferClient(ClientConfig(f"127.0.0.1:{decode_port}", TOKEN))
     transport = CudaIpcTransport.connect(client, pool)
-    assert transport.remote.device == torch.device("cuda:1")
+    assert transport.remote.device_index == 1 and transport.remote.num_blocks == NUM_DECODE_BLOCKS
     yield Prefill(pool, client, transport)
+    transport.close()
     client.close()
+
+
+def read_remote(transport: object, remote: Sequence[int]) -> torch.Tensor:
+    """Blocks `remote` of the decode pool, every layer, read through the mapping by a kernel
+    on cuda:0: [L, 2, n, bs, Hkv, D] on cuda:0."""
+    from kv_transfer.ipc_kernels import gather_blocks
+
+    t = transport
+    out = gather_blocks(
+        t.remote_words, t.remote.shape, t.remote.dtype, remote, torch.device("cuda:0")
+    )
+    torch.cuda.synchronize(0)
+    return out
 
 
 def landed_equals_sent(
     p: Prefill, layers: range, local: Sequence[int], remote: Sequence[int]
 ) -> bool:
     """The decode pool's blocks `remote` hold exactly the prefill pool's blocks `local`."""
-    torch.cuda.synchronize(1)
     sl = slice(layers.start, layers.stop)
-    got = p.transport.remote[sl].index_select(2, torch.tensor(list(remote), device="cuda:1"))
+    got = read_remote(p.transport, remote)[sl]
     want = p.pool.cache[sl].index_select(2, torch.tensor(list(local), device="cuda:0"))
-    return torch.equal(got.to("cuda:0").view(torch.int16), want.view(torch.int16))
+    return torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def make_holes(p: Prefill) -> list[object]:
@@ -118,32 +135,65 @@ def make_holes(p: Prefill) -> list[object]:
     return [rs[1], rs[3]]
 
 
+@pytest.mark.parametrize("mode", ["kernel", "memcpy"])
+@pytest.mark.parametrize("order", ["runs", "shuffled"])
 @pytest.mark.parametrize("per_layer", [False, True])
-def test_ipc_copy_is_byte_identical(prefill: Prefill, per_layer: bool):
+def test_ipc_copy_is_byte_identical(prefill: Prefill, per_layer: bool, order: str, mode: str):
     from engine.sampling_params import SamplingParams
+    from kv_transfer.cuda_ipc import CopyMode
+    from kv_transfer.ipc_plan import layer_digests_torch
     from kv_transfer.wire import KVLayout
 
     p = prefill
     free_before = p.num_free_remote
     held = make_holes(p)
     local = list(range(3, 33)) + [40, 41, 50] + list(range(60, 79))  # runs on both sides differ
+    if order == "shuffled":
+        random.Random(len(local)).shuffle(local)
     prompt = [1] * (len(local) * BS - 5)
     r = p.client.reserve("r", prompt, SamplingParams(max_tokens=2), KVLayout.of_pool(p.pool))
     assert len(r.block_ids) == len(local)
-    session = p.transport.open(r)
-    if per_layer:
-        for layer in range(p.pool.num_layers):
-            session.send_layer(layer, 0, local)
-    else:
-        session.send_all_layers(0, local)
-    sent = session.finish(30)
+    p.transport.copy_mode = CopyMode(mode)
+    try:
+        session = p.transport.open(r)
+        if per_layer:
+            for layer in range(p.pool.num_layers):
+                session.send_layer(layer, 0, local)
+        else:
+            session.send_all_layers(0, local)
+        sent = session.finish(30)
+    finally:
+        p.transport.copy_mode = CopyMode.KERNEL
+    sends = p.pool.num_layers if per_layer else 1
+    assert sent.num_chunks == sends if mode == "kernel" else sent.num_chunks > sends
+    from kv_transfer import ipc_kernels
+
+    assert ipc_kernels._compiled  # later launches went straight to the compiled kernel
     assert sent.num_bytes == len(local) * p.pool.layer_block_bytes * p.pool.num_layers
     assert landed_equals_sent(p, range(p.pool.num_layers), local, r.block_ids)
+    # The sender's kernel digests equal the torch reference over its own pool ...
+    want = layer_digests_torch(p.pool.cache, range(p.pool.num_layers), local, 0)
+    assert list(sent.layer_digests) == want.tolist()
+    # ... and the decode process's recomputation over its pool (Commit refuses otherwise).
     p.client.commit(r, 1, list(range(p.pool.num_layers)), list(sent.layer_digests))
     for h in held:
         p.client.abort(h, "done")
     assert p.num_free_remote == free_before == NUM_DECODE_BLOCKS
     assert p.client.health().num_active_reservations == 0
+
+
+def test_digest_kernel_equals_the_reference_on_the_gpu(prefill: Prefill):
+    from kv_transfer import ipc_kernels
+    from kv_transfer.ipc_plan import layer_digests, layer_digests_torch
+
+    cache = prefill.pool.cache
+    ids = random.Random(1).sample(range(NUM_LOCAL_BLOCKS), 37)
+    for layers, first in ((range(prefill.pool.num_layers), 0), (range(1, 2), 11)):
+        want = layer_digests_torch(cache, layers, ids, first).tolist()
+        for _ in range(2):  # Triton's launch path first, then the cached kernel launched directly
+            got = layer_digests(cache, layers, ids, first)  # one launch on cuda:0
+            assert got.device == cache.device and got.tolist() == want
+    assert any(key[0] == 0 and not key[3] for key in ipc_kernels._compiled)  # digest-only, cuda:0
 
 
 def test_blocks_sent_in_pieces_and_prefix_skipped(prefill: Prefill):
@@ -166,6 +216,19 @@ def test_blocks_sent_in_pieces_and_prefix_skipped(prefill: Prefill):
     assert p.num_free_remote == NUM_DECODE_BLOCKS
 
 
+def corrupt_one_word(transport: object, layer: int, remote_block: int) -> None:
+    """Add 1 to the first K word of one decode block, through the mapping."""
+    from kv_transfer.ipc_kernels import launch_blocks
+
+    t = transport
+    block = read_remote(t, [remote_block])  # [L, 2, 1, bs, Hkv, D]
+    block[layer, 0].view(torch.int16).view(-1)[0] += 1
+    ids = torch.tensor([[0], [remote_block]], dtype=torch.int32, device="cuda:0")
+    launch_blocks(block.view(torch.int16), t.remote_words, ids, None, range(layer, layer + 1), 0,
+                  1, t.remote.num_blocks, t.half_block_bytes // 2)  # fmt: skip
+    torch.cuda.synchronize(0)
+
+
 def test_digest_mismatch_is_refused_and_frees(prefill: Prefill):
     from engine.sampling_params import SamplingParams
     from kv_transfer.wire import KVLayout
@@ -175,8 +238,7 @@ def test_digest_mismatch_is_refused_and_frees(prefill: Prefill):
     session = p.transport.open(r)
     session.send_all_layers(0, [0, 1, 2])
     sent = session.finish(30)
-    p.transport.remote[1, 0, r.block_ids[1]].view(torch.int16)[0, 0, 0] += 1  # corrupt one word
-    torch.cuda.synchronize(1)
+    corrupt_one_word(p.transport, layer=1, remote_block=r.block_ids[1])
     with pytest.raises(grpc.RpcError) as info:
         p.client.commit(r, 1, list(range(p.pool.num_layers)), list(sent.layer_digests))
     assert info.value.code() == grpc.StatusCode.DATA_LOSS
@@ -199,7 +261,7 @@ def test_abort_waits_for_queued_copies_and_frees(prefill: Prefill):
     session = p.transport.open(r)
     session.send_layer(0, 0, local)
     session.abort()
-    assert p.transport.copy_stream.query()  # nothing of the session still in flight
+    assert p.transport.stream.query()  # nothing of the session still in flight
     assert landed_equals_sent(p, range(1), local, r.block_ids)  # layer 0 landed whole
     with pytest.raises(TransferError):
         session.send_layer(1, 0, local)
@@ -209,7 +271,8 @@ def test_abort_waits_for_queued_copies_and_frees(prefill: Prefill):
 
 def test_layer_streaming_from_a_real_engine(prefill: Prefill):
     """A tiny engine on cuda:0 prefills three prompts in 32-token steps (chunked prefill:
-    blocks leave layer by layer as they become final) and streams them to cuda:1."""
+    blocks leave layer by layer as they become final) and streams them to cuda:1, through a
+    second transport (a second mapping of the same decode pool in this process)."""
     from engine.config import EngineConfig
     from engine.engine import Engine
     from engine.presets import preset
@@ -259,11 +322,11 @@ def test_layer_streaming_from_a_real_engine(prefill: Prefill):
             # hold what was sent, as do its decode blocks (freed at commit, not reused yet).
             torch.cuda.synchronize(0)
             for layer, local, remote in sends[outcome.request_id]:
-                got = transport.remote[layer].index_select(1, torch.tensor(remote, device="cuda:1"))
+                got = read_remote(transport, remote)[layer]
                 want = engine.pool.cache[layer].index_select(
                     1, torch.tensor(local, device="cuda:0")
                 )
-                assert torch.equal(got.to("cuda:0").view(torch.int16), want.view(torch.int16))
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     lbb = engine.pool.layer_block_bytes
     assert num_bytes == {"s0": 7 * 2 * lbb, "s1": 3 * 2 * lbb, "s2": 2 * 2 * lbb}
     assert {rid: sum(len(local) for _, local, _ in log) for rid, log in sends.items()} == {
@@ -271,3 +334,8 @@ def test_layer_streaming_from_a_real_engine(prefill: Prefill):
     }  # fmt: skip
     assert engine.num_free_blocks == 64
     assert p.num_free_remote == NUM_DECODE_BLOCKS
+    # The engine's transport opened the decode pool's handle a second time in this process
+    # (the driver counts references): closing it leaves the module's mapping working.
+    transport.close()
+    assert p.transport.remote.base == transport.remote.base
+    test_blocks_sent_in_pieces_and_prefix_skipped(p)

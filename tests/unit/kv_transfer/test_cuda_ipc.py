@@ -1,8 +1,9 @@
-"""The parts of the same-host GPU path that run without a GPU.
+"""The parts of the same-host GPU path that run without a GPU (and without triton).
 
-The copy plan is executed here by a fake CUDA runtime that does what cudaMemcpy2DAsync
-does (row r: `width` bytes from src + r * src_pitch to dst + r * dst_pitch) with memmove on
-CPU pools, through the same pointer arithmetic as on the GPU (`issue_copies`).
+The copy-engine plan is executed here by a fake CUDA runtime that does what
+cudaMemcpy2DAsync does (row r: `width` bytes from src + r * src_pitch to dst + r * dst_pitch)
+with memmove on CPU pools, through the same pointer arithmetic as on the GPU
+(`issue_copies`). The kernel and the session run in test_ipc_kernels.py (interpreter).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ import ctypes
 import pytest
 import torch
 
-from kv_transfer.cuda_ipc import (
+from kv_transfer.cuda_ipc import COPY_MODE_ENV, CopyMode, copy_mode_from_env, layer_digests
+from kv_transfer.cuda_runtime import find_cudart
+from kv_transfer.ipc_handle import GpuPathUnavailable, host_id, ipc_handle_bytes, open_pool
+from kv_transfer.ipc_plan import (
     PitchedCopy,
     contiguous_runs,
-    host_id,
     issue_copies,
-    layer_digests,
+    layer_digests_torch,
     plan_copies,
 )
-from kv_transfer.cuda_runtime import find_cudart
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,104 +133,81 @@ def test_host_id_is_stable():
     assert host_id() == host_id() and "/" in host_id()
 
 
-# ---- the session's stream ordering, with torch.cuda replaced by recording fakes ----------
+def test_reference_digest_of_a_fragmented_shuffled_table_is_the_per_block_sum():
+    cache = pool(3, 10, 3)
+    ids = [7, 2, 9, 0, 5]  # descending, shuffled: one run per block
+    words = cache.view(torch.int16).flatten(3).to(torch.int64)  # [L, 2, N, words]
+    want = [
+        sum((2 * (4 + i) + h + 1) * int(words[layer, h, b].sum()) for i, b in enumerate(ids)
+            for h in range(2))
+        for layer in range(1, 3)
+    ]  # fmt: skip
+    assert layer_digests(cache, range(1, 3), ids, first_index=4).tolist() == want
+    assert layer_digests_torch(cache, range(1, 3), ids, 4).tolist() == want
 
 
-class FakeEvent:
-    def __init__(self, log: list[str]) -> None:
-        self.log, self.name = log, f"e{sum(1 for x in log if x.startswith('new'))}"
-        log.append(f"new {self.name}")
-
-    def record(self, stream: FakeStream) -> None:
-        self.log.append(f"record {self.name} on {stream.name}")
-
-    def query(self) -> bool:
-        self.log.append(f"query {self.name}")
-        return True
-
-    def synchronize(self) -> None:
-        self.log.append(f"sync {self.name}")
+# ---- opening the decode pool's handle ---------------------------------------------------
 
 
-class FakeStream:
-    def __init__(self, name: str, log: list[str]) -> None:
-        self.name, self.log, self.cuda_stream = name, log, 7
-
-    def wait_event(self, event: FakeEvent) -> None:
-        self.log.append(f"{self.name} waits {event.name}")
-
-
-class LoggingRuntime(MemmoveRuntime):
-    def __init__(self, log: list[str]) -> None:
-        super().__init__()
-        self.log = log
-
-    def memcpy_2d_async(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:  # noqa: ANN001
-        self.log.append(f"copy {width}x{height}")
-        super().memcpy_2d_async(dst, dst_pitch, src, src_pitch, width, height, stream)
+def test_ipc_handle_bytes_reads_every_torch_format():
+    raw = bytes(range(64))
+    assert ipc_handle_bytes(raw) == raw  # torch < 2.5: the bare cudaIpcMemHandle_t
+    assert ipc_handle_bytes(b"\x02c" + raw) == raw  # version 2, a cudaMalloc segment
+    assert ipc_handle_bytes(b"\x03c" + raw) == raw  # torch 2.13 writes version 3
+    with pytest.raises(GpuPathUnavailable, match="expandable_segments"):
+        ipc_handle_bytes(b"\x02e" + raw + b"more")
 
 
-@pytest.fixture
-def fake_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    """A CudaIpcTransport over two CPU pools whose torch.cuda calls are recorded."""
+class OpeningRuntime:
+    def __init__(self) -> None:
+        self.opened: list[bytes] = []
+
+    def ipc_open_mem_handle(self, handle: bytes) -> int:
+        self.opened.append(handle)
+        return 0x7F00_0000_0000
+
+
+def pool_handle(**changes: object):  # noqa: ANN201
+    from kv_transfer.wire import dtype_to_pb
+    from protos import kv_transfer_pb2 as pb
+
+    shape = [2, 2, 9, 4, 2, 16]
+    fields = dict(
+        size=shape, stride=[2 * 9 * 4 * 2 * 16, 9 * 4 * 2 * 16, 4 * 2 * 16, 2 * 16, 16, 1],
+        storage_offset=0, dtype=dtype_to_pb(torch.bfloat16), device_index=1,
+        storage_handle=b"\x02c" + bytes(64), storage_size_bytes=2 * 2 * 2 * 9 * 4 * 2 * 16 + 512,
+        storage_offset_bytes=512, storage_class="UntypedStorage",
+    )  # fmt: skip
+    fields.update(changes)
+    return pb.PoolHandle(**fields)
+
+
+def test_open_pool_maps_on_the_local_device_and_adds_the_storage_offset(monkeypatch):  # noqa: ANN001
     import contextlib
 
-    from engine.kv_pool import KVPool
-    from engine.presets import preset
-    from kv_transfer.client import RemoteReservation
-    from kv_transfer.cuda_ipc import CudaIpcTransport
-
-    log: list[str] = []
-    monkeypatch.setattr(torch.cuda, "Event", lambda: FakeEvent(log))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: FakeStream("compute", log))
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    local = KVPool(preset("tiny"), 12, 4, torch.bfloat16, torch.device("cpu"))
-    local.cache.view(torch.int16).random_(-(2**15), 2**15 - 1)
-    remote = torch.zeros(2, 2, 9, 4, 2, 16, dtype=torch.bfloat16)
-    t = object.__new__(CudaIpcTransport)  # __init__ needs CUDA; set what it would
-    t.pool, t.remote, t.runtime = local, remote, LoggingRuntime(log)
-    t.local_device = t.remote_device = torch.device("cpu")
-    t.half_block_bytes, t.max_pitch = local.layer_block_bytes // 2, 2**31 - 1
-    t.copy_stream, t.digest_stream = FakeStream("copy", log), FakeStream("digest", log)
-    reservation = RemoteReservation("r", 1, (8, 2, 3, 4, 0), 0, 10.0)
-    return t, t.open(reservation), log
-
-
-def test_session_copies_after_the_compute_and_finishes_after_both_streams(fake_session):  # noqa: ANN001
-    t, session, log = fake_session
-    local = [5, 6, 7, 1, 2]  # runs (5,8,1) (6,2,2) (1,4,1) (2,0,1): dst 8,2,3,4,0
-    for layer in range(2):
-        session.send_layer(layer, 0, local)
-    sent = session.finish(5.0)
-    half = t.half_block_bytes
-    assert log[:8] == [
-        "new e0",
-        "record e0 on compute",  # after the layer's compute, on the caller's stream
-        "copy waits e0",  # the copies wait for it ...
-        f"copy {half}x2",  # one pitched copy per run: K and V of the layer
-        f"copy {2 * half}x2",
-        f"copy {half}x2",
-        f"copy {half}x2",
-        "digest waits e0",  # ... and so does the digest
-    ]
-    assert log[-6:] == ["new e2", "new e3", "record e2 on copy", "record e3 on digest",
-                        "query e2", "query e3"]  # fmt: skip
-    landed, sent_kv = t.remote[:, :, [8, 2, 3, 4, 0]], t.pool.cache[:, :, local]
-    assert torch.equal(landed.view(torch.int16), sent_kv.view(torch.int16))  # NaN bit patterns
-    assert sent.num_bytes == 5 * t.pool.layer_block_bytes * 2 and sent.num_chunks == 8
-    # What the decode side recomputes over what landed, in table order from index 0.
-    assert (
-        list(sent.layer_digests) == layer_digests(t.remote, range(2), [8, 2, 3, 4, 0], 0).tolist()
+    devices: list[object] = []
+    monkeypatch.setattr(
+        torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext()
     )
+    runtime = OpeningRuntime()
+    remote = open_pool(pool_handle(), runtime, torch.device("cuda:0"))
+    assert devices == [torch.device("cuda:0")] and runtime.opened == [bytes(64)]
+    assert remote.base == 0x7F00_0000_0000 and remote.address == remote.base + 512
+    assert remote.shape == (2, 2, 9, 4, 2, 16) and remote.num_blocks == 9
+    assert remote.dtype == torch.bfloat16 and remote.device_index == 1
+    with pytest.raises(GpuPathUnavailable, match="contiguous"):
+        open_pool(pool_handle(stride=[1] * 6), runtime, torch.device("cuda:0"))
+    with pytest.raises(GpuPathUnavailable, match="smaller"):
+        open_pool(pool_handle(storage_size_bytes=100), runtime, torch.device("cuda:0"))
+    with pytest.raises(GpuPathUnavailable, match="storage class"):
+        open_pool(pool_handle(storage_class="Pickled"), runtime, torch.device("cuda:0"))
 
 
-def test_session_abort_waits_for_queued_copies(fake_session):  # noqa: ANN001
-    from kv_transfer.transport import TransferError
-
-    t, session, log = fake_session
-    session.send_all_layers(0, [5, 6])
-    session.abort()
-    assert log[-2:] == ["sync e1", "sync e2"] and "record e1 on copy" in log
-    with pytest.raises(TransferError):
-        session.send_layer(0, 2, [7])
+def test_copy_mode_from_env(monkeypatch):  # noqa: ANN001
+    monkeypatch.delenv(COPY_MODE_ENV, raising=False)
+    assert copy_mode_from_env() is CopyMode.KERNEL
+    monkeypatch.setenv(COPY_MODE_ENV, "memcpy")
+    assert copy_mode_from_env() is CopyMode.MEMCPY
+    monkeypatch.setenv(COPY_MODE_ENV, "dma")
+    with pytest.raises(ValueError, match="'kernel' or 'memcpy'"):
+        copy_mode_from_env()
