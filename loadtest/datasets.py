@@ -45,9 +45,14 @@ class Turn:
     conversation_id: int
     index: int
     num_turns: int
+    # The last `new_tokens` prompt tokens are this turn's own message. When > 0, the runner
+    # sends turn `index` as (the prompt it sent for turn index - 1) + (the tokens the server
+    # answered) + those tokens, so the conversation's history is the model's real answers.
+    new_tokens: int = 0
 
     def __post_init__(self) -> None:
         assert 0 <= self.index < self.num_turns, self
+        assert self.new_tokens >= 0, self
 
 
 @dataclass(frozen=True)
@@ -329,9 +334,12 @@ class MultiTurnDataset(Dataset):
     """`num_conversations` chats of `num_turns` turns each.
 
     Turn k's prompt = system prompt + (user_0, answer_0, ..., user_k); every user message has
-    `user_len` tokens and every answer (and `max_tokens`) `answer_len`. Requests are ordered
-    turn by turn (all first turns, then all second turns, ...); the runner holds each turn
-    until the conversation's previous turn has finished.
+    `user_len` tokens and `max_tokens` is `answer_len`. The answers written here are
+    placeholders of `answer_len` random tokens: the runner replaces them with what the server
+    actually answered (`Turn.new_tokens`), so turn k reuses the KV of turn k-1's prompt and
+    answer as a real chat does; the placeholders stay only where turn k-1 failed. Requests
+    are ordered turn by turn (all first turns, then all second turns, ...); the runner holds
+    each turn until the conversation's previous turn has finished.
     """
 
     num_conversations: int
@@ -366,7 +374,7 @@ class MultiTurnDataset(Dataset):
                         prompt_token_ids=prompt,
                         prompt_text=None,
                         max_tokens=self.answer_len,
-                        turn=Turn(conversation, index, self.num_turns),
+                        turn=Turn(conversation, index, self.num_turns, self.user_len),
                     )
                 )
                 history = prompt + self.token_range.draw(rng, self.answer_len)

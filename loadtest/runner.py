@@ -8,7 +8,9 @@ order:
     due          the dispatcher sleeps until the due time, then takes an in-flight slot
                  (`max_inflight`; waiting for one shows as client delay, send - due)
     send         a thread calls target.stream(); turn k of a conversation first waits for
-                 turn k-1 to finish; every chunk is timestamped on receipt
+                 turn k-1 to finish and is then sent as turn k-1's prompt + its streamed
+                 answer + turn k's own message (`Turn.new_tokens`); every chunk is
+                 timestamped on receipt
     end          the last chunk, an error, or the request's deadline:
                  min(send + request_timeout_s, max_duration_s)
     max_duration_s   no request is sent after it, and none runs past it: whatever still runs
@@ -21,6 +23,7 @@ ends. Invariant: every sent request has exactly one record when `run` returns, a
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import threading
@@ -109,6 +112,9 @@ class _Run:
             for r in requests
             if r.turn is not None
         }
+        # (conversation, turn) -> (the prompt sent, the answer's token ids); written by the
+        # turn's thread before its event is set, read by the next turn's thread after.
+        self._turn_sent: dict[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.progress = Progress(len(requests), options.progress, desc)
         self.start = time.perf_counter()
 
@@ -122,18 +128,32 @@ class _Run:
             if request.turn is not None and request.turn.index > 0:
                 previous = self._turn_done[(request.turn.conversation_id, request.turn.index - 1)]
                 previous.wait(timeout=max(0.0, self.options.max_duration_s - self.now_s()))
-            self._record(index, self._send(index, due_s))
+                request = self._with_history(request)
+            self._record(index, self._send(index, request, due_s))
         finally:
             if request.turn is not None:
                 self._turn_done[(request.turn.conversation_id, request.turn.index)].set()
 
-    def _send(self, index: int, due_s: float) -> RequestRecord:
-        request = self.requests[index]
+    def _with_history(self, request: BenchRequest) -> BenchRequest:
+        """Turn k as sent: turn k-1's prompt and streamed answer, then its own message."""
+        turn = request.turn
+        assert turn is not None
+        sent = self._turn_sent.get((turn.conversation_id, turn.index - 1))
+        if turn.new_tokens == 0 or request.prompt_token_ids is None or sent is None:
+            return request
+        prompt, answer = sent
+        if not answer:  # the previous turn failed: keep the workload's placeholder answer
+            return request
+        own = tuple(request.prompt_token_ids[-turn.new_tokens :])
+        return dataclasses.replace(request, prompt_token_ids=prompt + answer + own)
+
+    def _send(self, index: int, request: BenchRequest, due_s: float) -> RequestRecord:
         request_id = f"{self.options.request_id_prefix}-{index}"
         send_s = self.now_s()
         deadline_s = min(send_s + self.options.request_timeout_s, self.options.max_duration_s)
         chunk_times_s: list[float] = []
         chunk_num_tokens: list[int] = []
+        answer: list[int] = []  # kept for multi-turn requests only
         usage: Usage | None = None
         phases: ServerPhases | None = None
         error: tuple[str, str] | None = None
@@ -148,6 +168,8 @@ class _Run:
                     if chunk.token_ids:
                         chunk_times_s.append(received_s)
                         chunk_num_tokens.append(len(chunk.token_ids))
+                        if request.turn is not None:
+                            answer.extend(chunk.token_ids)
                     usage = chunk.usage or usage
                     phases = chunk.phases or phases
                     if received_s > deadline_s:
@@ -167,6 +189,12 @@ class _Run:
                     close()  # cancels the request on the server if it is still running
         if error is None and not chunk_times_s:
             error = ("NO_TOKENS", "the stream ended without a token")
+        if request.turn is not None and request.prompt_token_ids is not None:
+            key = (request.turn.conversation_id, request.turn.index)
+            self._turn_sent[key] = (
+                request.prompt_token_ids,
+                tuple(answer) if error is None else (),
+            )
         return RequestRecord(
             index=index,
             request_id=request_id,

@@ -215,3 +215,51 @@ def test_progress_falls_back_to_a_line_without_tqdm(monkeypatch: pytest.MonkeyPa
     progress.update()
     progress.close()
     assert stream.getvalue() == "\r4 req/s: 1/2 requests\r4 req/s: 2/2 requests\n"
+
+
+class RecordingTarget(FakeTarget):
+    """The fake server, remembering the prompt of every request it was sent."""
+
+    def __init__(self, config: FakeTargetConfig | None = None) -> None:
+        super().__init__(config)
+        self.prompts: dict[str, tuple[int, ...]] = {}
+
+    def stream(
+        self, request: BenchRequest, request_id: str, timeout_s: float
+    ) -> Iterator[StreamChunk]:
+        assert request.prompt_token_ids is not None
+        self.prompts[request_id] = tuple(request.prompt_token_ids)
+        return super().stream(request, request_id, timeout_s)
+
+
+def test_multi_turn_sends_the_streamed_answers_as_history() -> None:
+    dataset = MultiTurnDataset(
+        num_conversations=2, num_turns=3, user_len=4, answer_len=3, system_prompt_len=5, seed=1
+    )
+    requests = dataset.generate()
+    target = RecordingTarget(FakeTargetConfig(itl_s=0.001))
+    raw = run(target, requests, OpenLoop(math.inf), QUIET)
+    assert all(r.completed for r in raw.records)
+    sent = {
+        (q.turn.conversation_id, q.turn.index): target.prompts[r.request_id]
+        for q, r in zip(requests, raw.records, strict=True)
+    }  # type: ignore[union-attr]
+    for q in requests:
+        assert q.turn is not None and q.prompt_token_ids is not None
+        key = (q.turn.conversation_id, q.turn.index)
+        if q.turn.index == 0:
+            assert sent[key] == tuple(q.prompt_token_ids)
+            continue
+        # The fake answers 0, 1, 2: the history is those tokens, not the placeholders.
+        previous = sent[(key[0], key[1] - 1)]
+        assert sent[key] == previous + (0, 1, 2) + tuple(q.prompt_token_ids[-4:])
+    assert len(sent[(0, 2)]) == 5 + 3 * 4 + 2 * 3
+
+
+def test_multi_turn_keeps_the_placeholder_answer_after_a_failed_turn() -> None:
+    dataset = MultiTurnDataset(num_conversations=1, num_turns=2, user_len=2, answer_len=3, seed=2)
+    requests = dataset.generate()
+    target = RecordingTarget(FakeTargetConfig(fail_request_ids=frozenset({"bench-0"})))
+    raw = run(target, requests, OpenLoop(math.inf), QUIET)
+    assert not raw.records[0].completed and raw.records[1].completed
+    assert target.prompts["bench-1"] == tuple(requests[1].prompt_token_ids or ())
