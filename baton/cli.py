@@ -196,7 +196,8 @@ def _status(args: argparse.Namespace) -> int:
     healthy = {w.name: w.healthy for w in health.workers}
     print(
         f"{stats.mode}, policy {stats.policy}; requests {stats.requests_total} total, "
-        f"{stats.requests_failed} failed, {stats.requests_in_flight} in flight; "
+        f"{stats.requests_failed} failed, {stats.requests_in_flight} in flight, "
+        f"{stats.attempts_retried} attempts retried; "
         f"{'serving' if health.serving else 'NOT serving'}"
     )
     print(

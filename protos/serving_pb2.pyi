@@ -181,17 +181,19 @@ class WorkerStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_queried_tokens: _Optional[int] = ..., num_requests_done: _Optional[int] = ..., healthy: _Optional[bool] = ..., kv_address: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("mode", "policy", "requests_total", "requests_failed", "requests_in_flight", "workers")
+    __slots__ = ("mode", "policy", "requests_total", "requests_failed", "requests_in_flight", "workers", "attempts_retried")
     MODE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_RETRIED_FIELD_NUMBER: _ClassVar[int]
     mode: str
     policy: str
     requests_total: int
     requests_failed: int
     requests_in_flight: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
-    def __init__(self, mode: _Optional[str] = ..., policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ...) -> None: ...
+    attempts_retried: int
+    def __init__(self, mode: _Optional[str] = ..., policy: _Optional[str] = ..., requests_total: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., attempts_retried: _Optional[int] = ...) -> None: ...

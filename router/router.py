@@ -527,6 +527,7 @@ class Router:
             requests_total=self.counters.requests_total,
             requests_failed=self.counters.requests_failed,
             requests_in_flight=len(self._flights),
+            attempts_retried=self.counters.attempts_retried,
         )
         for slot in self.prefill + self.decode:
             load = slot.load

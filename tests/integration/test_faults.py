@@ -232,6 +232,7 @@ def test_decode_killed_mid_stream_resumes_without_gaps_or_repeats(
     prompt, n = [(7 * i) % 250 + 1 for i in range(24)], 200
     expected = hf_greedy(model, prompt, n)
     with BatonClient(cluster.address) as c:
+        retried_before = c.stats().attempts_retried
         call = c.stream(
             build_request(prompt, max_tokens=n, temperature=0.0, ignore_eos=True), CALL_TIMEOUT_S
         )
@@ -241,6 +242,7 @@ def test_decode_killed_mid_stream_resumes_without_gaps_or_repeats(
         before = sum(len(m.token_ids) for m in messages)
         ray.kill(cluster.decode_actors[victim], no_restart=False)
         messages.extend(it)
+        assert c.stats().attempts_retried == retried_before + 1  # the resume, counted
 
     got = [t for m in messages for t in m.token_ids]
     last = messages[-1]

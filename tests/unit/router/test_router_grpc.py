@@ -225,6 +225,7 @@ def test_health_and_stats(make_setup: Callable[..., Setup]) -> None:
         stats = c.stats()
     assert health.serving and [w.name for w in health.workers] == ["p0", "d0", "d1"]
     assert (stats.requests_total, stats.requests_failed, stats.policy) == (1, 0, "round_robin")
+    assert stats.attempts_retried == 0
     assert [w.role for w in stats.workers] == ["prefill", "decode", "decode"]
 
 
