@@ -32,7 +32,7 @@ from engine.config import EngineConfig
 from engine.kv_pool import KVPool, block_bytes, dtype_from_name
 from engine.model import LlamaForCausalLM
 from engine.model_runner import ModelRunner
-from engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator
+from engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator, token_seed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -295,6 +295,10 @@ class Engine:
         logits, rows = self.runner.run(batch, on_layer_done)
         self.scheduler.advance(batch)
         sampled = [batch.seqs[i] for i in rows]
+        for s in sampled:
+            if s.generator is not None:  # a seeded draw depends on (seed, position) only
+                assert s.params.seed is not None
+                s.generator.manual_seed(token_seed(s.params.seed, s.num_output_tokens))
         result = self.sampler(
             logits,
             [

@@ -15,8 +15,9 @@ Costs: the all-greedy batch without penalties or logprobs is one argmax on the d
 top-p share one sort of [S, V]); the host work per row is building small parameter lists, plus
 O(prompt + output tokens) for rows with penalties. Draws are an exponential race
 (argmax of probs / q, q ~ Exp(1)), batched over unseeded rows with the default generator; a
-seeded row draws q from its own generator alone, so its tokens depend only on its seed and its
-logits, never on the rest of the batch.
+seeded row draws q from its own generator alone, reseeded by the engine for every token from
+(seed, output position) (`token_seed`), so its tokens depend only on its seed, their positions
+and their logits: never on the rest of the batch, nor on which engine samples them.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ class SamplingRow:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]  # None where params.logprobs is None
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The seed of a seeded request's draw for its output token `index` (splitmix64 of the
+    pair): the token depends on the seed, its position and its logits only, so it is the same
+    whichever engine samples it (prefill worker, decode worker after a transfer, colocated)
+    and after a preemption recomputes it."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + index + 1) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:

@@ -7,6 +7,7 @@ block count is back where it started (and the prefill engine's too).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import multiprocessing as mp
 import subprocess
 import threading
@@ -191,6 +192,24 @@ def test_layer_streaming_decodes_like_colocated(decode: Decode, max_batched: int
     got = decode.run_to_completion()
     assert [got[f"s{i}"] for i in range(3)] == reference_tokens(prompts)
     assert prefill.num_free_blocks == 64
+
+
+def test_seeded_sampling_after_a_transfer_matches_colocated(decode: Decode):
+    # The first token is drawn on the prefill side, the rest on the decode side: each draw
+    # depends on (seed, position), so the whole output equals a colocated run's.
+    prefill = make_engine()
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:40]]
+    with decode.client() as client:
+        streamer = LayerStreamer(prefill, client, GrpcTransport(client, prefill.pool))
+        for i, p in enumerate(prompts):
+            streamer.add_request(f"seeded{i}", p, seeded)
+        while streamer.num_in_flight:
+            streamer.step()
+    got = decode.run_to_completion()
+    want = reference_tokens(prompts, seeded)
+    assert [got[f"seeded{i}"] for i in range(2)] == want
+    assert want[0] != reference_tokens([PROMPT], dataclasses.replace(seeded, seed=43))[0]
 
 
 def test_prefix_held_by_decode_side_is_not_sent(decode: Decode, prefill: Engine):
