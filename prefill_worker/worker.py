@@ -59,6 +59,8 @@ IDLE_WAIT_S = 0.05
 # (the request waits here, as it would in a queue) until its deadline.
 RESERVE_RETRY_FIRST_S = 0.005
 RESERVE_RETRY_MAX_S = 0.2
+# A decode worker's client and transport are closed after this long without a request.
+STREAMER_IDLE_CLOSE_S = 300.0
 
 # Builds the transport towards one decode worker: `make_transport`, or a wrapper of it
 # (prefill_worker/faults.py injects transfer faults this way).
@@ -114,6 +116,7 @@ class PrefillWorker:
         self._inbox: queue.SimpleQueue[_Task | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streamers: dict[str, LayerStreamer] = {}  # kv address -> streamer
+        self._last_used_s: dict[str, float] = {}  # kv address -> when a request last used it
         self._owner: dict[str, LayerStreamer] = {}  # request id -> its streamer
         self._tasks: dict[str, _Task] = {}  # in the engine, by request id
         self._deferred: list[_Task] = []  # Reserve refused (decode side full): retry later
@@ -138,8 +141,8 @@ class PrefillWorker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10.0)
-        for s in self._streamers.values():
-            s.client.close()
+        for addr in list(self._streamers):
+            self._retire(addr)
 
     @property
     def healthy(self) -> bool:
@@ -236,6 +239,11 @@ class PrefillWorker:
                 item.future.set_result(False)
 
     def _streamer(self, kv_address: str) -> LayerStreamer:
+        now = time.monotonic()
+        self._last_used_s[kv_address] = now
+        for addr, last_s in list(self._last_used_s.items()):
+            if now - last_s > STREAMER_IDLE_CLOSE_S:
+                self._retire(addr)
         s = self._streamers.get(kv_address)
         if s is None:
             client = KVTransferClient(
@@ -250,6 +258,23 @@ class PrefillWorker:
             s = LayerStreamer(self.engine, client, transport, self._lease_s, self._finish_timeout_s)
             self._streamers[kv_address] = s
         return s
+
+    def _retire(self, kv_address: str) -> None:
+        """Close the client and transport to a decode worker that failed or went unused
+        (a restarted decode worker has a new address; the GPU path would otherwise keep
+        the dead worker's pool mapped), unless transfers to it are still in flight."""
+        s = self._streamers.get(kv_address)
+        if s is not None and s.num_in_flight:
+            return
+        self._last_used_s.pop(kv_address, None)
+        if s is None:
+            return
+        del self._streamers[kv_address]
+        try:
+            s.transport.close()
+        finally:
+            s.client.close()
+        log.info("%s: closed the KV-transfer client to %s", self.name, kv_address)
 
     def _drain_inbox(self) -> None:
         if self._deferred:
@@ -293,6 +318,8 @@ class PrefillWorker:
             if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self._defer(t)
                 return
+            if e.code() is grpc.StatusCode.UNAVAILABLE:
+                self._retire(task.kv_address)  # a later request reconnects afresh
             self._resolve(t, PrefillStatus.REJECTED, e.code().name, f"Reserve: {e.details()}")
             return
         except ValueError as e:
@@ -338,6 +365,8 @@ class PrefillWorker:
             outcome = streamer._complete(rid, out.new_token_ids[0], end_perf)
             first_step_s = t.first_step_s if t.first_step_s is not None else start_s
             ok = outcome.status is TransferStatus.COMMITTED
+            if not ok:
+                self._retire(t.task.kv_address)  # closed once nothing else is in flight
             self._num_done += 1
             t.future.set_result(
                 PrefillResult(

@@ -7,6 +7,7 @@ scenario ends with all blocks free on both sides.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -158,4 +159,22 @@ def test_local_prefill_on_the_decode_worker(pair: tuple[PrefillWorker, DecodeWor
     assert tokens == engine(64).generate([prompt], GREEDY)[0]
     with pytest.raises(ValueError, match="prompt is empty"):
         decode.submit_local("bad", [], GREEDY)
+    wait_until(lambda: all_free(prefill, decode))
+
+
+def test_unreachable_decode_worker_is_refused_and_its_client_closed(
+    pair: tuple[PrefillWorker, DecodeWorker],
+) -> None:
+    prefill, decode = pair
+    with socket.socket() as sock:  # a port nobody listens on: a decode worker that died
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    result = prefill.submit(PrefillTask("gone", (1, 2, 3), GREEDY, "", dead, 10.0)).result(30)
+    assert (result.status, result.code) == (PrefillStatus.REJECTED, "UNAVAILABLE")
+    wait_until(lambda: dead not in prefill.transport_kinds())
+    # The live decode worker is still served, through a client of its own.
+    ok = prefill.submit(PrefillTask("alive", (1, 2, 3), GREEDY, "", decode.kv_address, 30.0))
+    collect(decode, "alive")
+    assert ok.result(30).status is PrefillStatus.COMMITTED
+    assert set(prefill.transport_kinds()) == {decode.kv_address}
     wait_until(lambda: all_free(prefill, decode))
