@@ -272,6 +272,8 @@ class PrefillWorker:
         del self._streamers[kv_address]
         try:
             s.transport.close()
+        except Exception:  # a failed unmap must not take the prefill loop down
+            log.exception("%s: closing the transport to %s failed", self.name, kv_address)
         finally:
             s.client.close()
         log.info("%s: closed the KV-transfer client to %s", self.name, kv_address)
