@@ -154,9 +154,10 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, pool: KVPool, num_heads: int, head_dim: int) -> None:
         super().__init__(pool, num_heads, head_dim)
-        from engine import triton_attention  # needs triton, present only on GPU machines
+        from engine import triton_attention, triton_ops  # need triton: GPU machines only
 
         self._kernels = triton_attention
+        self._ops = triton_ops
 
     def forward(
         self,
@@ -169,14 +170,14 @@ class TritonBackend(AttentionBackend):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         k_cache, v_cache = self.pool.layer(layer_idx)
-        if rotary is not None and rotary.fused is not None:
+        if rotary is not None:
             assert positions is not None
             # One kernel: q rotated in place, k rotated and v stored into their slots.
-            rotary.fused.rotary_and_cache_(
+            self._ops.rotary_and_cache_(
                 q, k, v, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta.slot_mapping
             )
         else:
-            q = self.rotate_and_write(layer_idx, q, k, v, meta, rotary, positions)
+            self.write_kv(layer_idx, k, v, meta)
         out = torch.empty_like(q)
         npt, nps = meta.num_prefill_tokens, meta.num_prefill_seqs
         if nps:

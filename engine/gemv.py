@@ -153,12 +153,12 @@ def choose(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvConfig 
 
 
 @torch.inference_mode()
-def tune(model: nn.Module) -> dict[tuple[int, int], GemvConfig | None]:
+def tune(model: nn.Module) -> None:
     """Pick cuBLAS or a GEMV launch shape for every DecodeLinear in `model` (CUDA only),
-    once per distinct weight shape; logs the timings. Returns shape -> choice."""
+    once per distinct weight shape; logs the timings."""
     layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
     if not layers or layers[0].weight.device.type != "cuda":
-        return {}
+        return
     chosen: dict[tuple[int, int, bool], GemvConfig | None] = {}
     for layer in layers:
         key = (*layer.weight.shape, layer.bias is not None)
@@ -171,4 +171,3 @@ def tune(model: nn.Module) -> dict[tuple[int, int], GemvConfig | None]:
                 ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
             )
         layer.gemv_config = chosen[key]
-    return {k[:2]: v for k, v in chosen.items()}

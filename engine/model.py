@@ -89,15 +89,13 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, D]
         self.register_buffer("cos", emb.cos().to(device), persistent=False)
         self.register_buffer("sin", emb.sin().to(device), persistent=False)
-        self.fused = _fused_ops(device)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain-torch rotation (CPU reference backend); on CUDA the attention backend
+        applies the tables in its fused rotary + K/V-write kernel instead."""
         # q: [T, Hq, D], k: [T, Hkv, D], positions: [T]
-        if self.fused is not None:
-            self.fused.rotary_(q, k, positions, self.cos, self.sin)  # in place, one kernel each
-            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -64,7 +64,6 @@ class ModelRunner:
         # A block nobody else uses, where padding rows of a graph bucket may write.
         self.scratch_block = scratch_block
         self._graphs: dict[int, _DecodeGraph] = {}
-        self._static: dict[str, torch.Tensor] = {}
 
     # ---- batch preparation ---------------------------------------------------------------
 
@@ -175,7 +174,6 @@ class ModelRunner:
             "query_start_loc": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
             "block_tables": self._dev32[max_bs:].view(max_bs, w),
         }
-        self._static = st
         pool_handle = None
         for size in sorted(sizes, reverse=True):  # largest first so smaller ones share memory
             meta = AttentionMetadata(

@@ -8,8 +8,8 @@ activations from HBM ~35 times per layer. These kernels read and write each tens
 
   add_rms_norm   residual += x; out = rmsnorm(residual) * weight      (one pass per row)
   rms_norm       out = rmsnorm(x) * weight
-  rotary         q, k rotated in place by the cos/sin of each token's position
-  rotary_cache   the same, with k (rotated) and v stored into their paged-cache slots
+  rotary_cache   q rotated in place by each token's position; k rotated and v stored
+                 into their paged-cache slots (one launch for rotary + the K/V write)
   silu_and_mul   out = silu(gate) * up over a fused [T, 2I] projection
 
 Arithmetic follows transformers' bf16 order where it matters for agreement: the residual sum
@@ -82,61 +82,6 @@ def rms_norm(
 
 
 @triton.jit
-def _rotary_kernel(
-    x_ptr,
-    pos_ptr,
-    cos_ptr,
-    sin_ptr,
-    num_heads,
-    token_stride,
-    head_stride,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    tok = tl.program_id(0)
-    pos = tl.load(pos_ptr + tok)
-    d = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + pos * 2 * HALF + d)  # fp32; the table repeats each half
-    sin = tl.load(sin_ptr + pos * 2 * HALF + d)
-    heads = tl.arange(0, BLOCK_H)
-    hmask = heads[:, None] < num_heads
-    base = x_ptr + tok * token_stride + heads[:, None] * head_stride + d[None, :]
-    x1 = tl.load(base, mask=hmask, other=0.0)
-    x2 = tl.load(base + HALF, mask=hmask, other=0.0)
-    c, s = cos[None, :], sin[None, :]
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base, (x1f * c - x2f * s).to(x1.dtype), mask=hmask)
-    tl.store(base + HALF, (x2f * c + x1f * s).to(x1.dtype), mask=hmask)
-
-
-def rotary_(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> None:
-    """Rotate q: [T, Hq, D] and k: [T, Hkv, D] in place; cos/sin: [max_len, D] fp32."""
-    t, _, d = q.shape
-    if t == 0:
-        return
-    for x in (q, k):
-        assert x.stride(-1) == 1
-        _rotary_kernel[(t,)](
-            x,
-            positions,
-            cos,
-            sin,
-            x.shape[1],
-            x.stride(0),
-            x.stride(1),
-            HALF=d // 2,
-            BLOCK_H=triton.next_power_of_2(x.shape[1]),
-            num_warps=4,
-        )
-
-
-@triton.jit
 def _rotary_cache_kernel(
     q_ptr,
     k_ptr,
@@ -200,8 +145,8 @@ def rotary_and_cache_(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """One launch for what `rotary_` plus the paged K/V write do in three: q [T, Hq, D] is
-    rotated in place; k [T, Hkv, D] rotated and v copied into their slots of k_cache/v_cache
+    """Rotary embeddings and the paged K/V write in one launch: q [T, Hq, D] is rotated in
+    place; k [T, Hkv, D] rotated and v copied into their slots of k_cache/v_cache
     ([num_blocks, block_size, Hkv, D], contiguous); k itself is left unrotated."""
     t, _, d = q.shape
     if t == 0:

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
-from engine.sampling_params import SamplingParams
-from loadtest.engine_bench import copy_bandwidth_gbs, cuda_time_s, random_prompts
+from loadtest.engine_bench import copy_bandwidth_gbs, cuda_time_s, start_decode_batch
 
 log = logging.getLogger("decode_profile")
 
@@ -54,25 +53,8 @@ def _timed(store: dict[str, list[float]], name: str, fn: Callable) -> Callable:
     return wrapper
 
 
-def _start_batch(engine: Engine, batch: int, context: int) -> list[str]:
-    cfg = engine.config.model
-    ids = []
-    params = SamplingParams(max_tokens=4096, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(random_prompts(batch, context - 1, cfg.vocab_size, seed=batch)):
-        ids.append(f"p{batch}-{i}")
-        engine.add_request(ids[-1], p, params)
-    while engine.scheduler.waiting or any(
-        s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running
-    ):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    torch.cuda.synchronize()
-    return ids
-
-
 def profile_batch(engine: Engine, batch: int, out_dir: Path) -> dict[str, Any]:
-    ids = _start_batch(engine, batch, 1024)
+    ids = start_decode_batch(engine, batch, 1024, max_tokens=4096, seed=batch)
     fig: dict[str, Any] = {"batch": batch}
 
     steps = []

@@ -114,15 +114,16 @@ def run_to_completion(engine: Engine) -> int:
     return tokens
 
 
-def bench_decode(
-    engine: Engine, batch: int, context: int, steps: int, seed: int
-) -> dict[str, float]:
+def start_decode_batch(
+    engine: Engine, batch: int, context: int, max_tokens: int, seed: int
+) -> list[str]:
+    """Add `batch` greedy requests of `context - 1` random prompt tokens, prefill them all and
+    run three decode steps (warm-up); returns their request ids."""
     cfg = engine.config.model
-    prompts = random_prompts(batch, context - 1, cfg.vocab_size, seed)
-    params = SamplingParams(max_tokens=steps + 8, **GREEDY)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"decode-{batch}-{i}", p, params)
-    # Prefill everything (and a couple of decode steps to warm up).
+    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
+    ids = [f"decode-{batch}-{i}" for i in range(batch)]
+    for rid, p in zip(ids, random_prompts(batch, context - 1, cfg.vocab_size, seed), strict=True):
+        engine.add_request(rid, p, params)
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or (
         engine.scheduler.waiting
     ):
@@ -130,6 +131,14 @@ def bench_decode(
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
+    return ids
+
+
+def bench_decode(
+    engine: Engine, batch: int, context: int, steps: int, seed: int
+) -> dict[str, float]:
+    cfg = engine.config.model
+    ids = start_decode_batch(engine, batch, context, steps + 8, seed)
     ctx_start = statistics.mean(s.num_tokens for s in engine.scheduler.running)
     times = []
     for _ in range(steps):
@@ -137,8 +146,8 @@ def bench_decode(
         engine.step()  # ends in a host read of the sampled tokens: synchronous
         times.append(time.perf_counter() - t0)
     ctx_mean = ctx_start + steps / 2
-    for i in range(batch):
-        engine.abort(f"decode-{batch}-{i}")
+    for rid in ids:
+        engine.abort(rid)
     step_s = statistics.median(times)
     kv_bytes = batch * ctx_mean * cfg.kv_bytes_per_token(2)
     return {
