@@ -17,9 +17,11 @@ first-class operations on its blocks:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +44,19 @@ from engine.weights import init_dummy_weights, load_checkpoint
 log = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def _released(lock: threading.Lock | None) -> Iterator[None]:
+    """Release a held lock for the block's duration (nothing if None), then take it back."""
+    if lock is None:
+        yield
+        return
+    lock.release()
+    try:
+        yield
+    finally:
+        lock.acquire()
 
 
 class PoolExhausted(Exception):
@@ -110,6 +125,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager)
         backend = make_backend(self.pool, config.model.num_attention_heads, config.model.head_dim)
         self.runner = ModelRunner(config, self.model, self.pool, backend, scratch_block=num_blocks)
+        self.runner.warm_up()  # CUDA: compile the eager steps' kernel variants now
         self.runner.capture_decode_graphs()
         self.sampler = Sampler(make_generator(config.seed, self.device))
         self._requests: dict[str, _Request] = {}
@@ -118,6 +134,10 @@ class Engine:
         # The batch of the step in progress (or the last one): on_layer_done hooks read it to
         # know which tokens of which sequences the finished layer has just written.
         self.current_batch = ScheduledBatch()
+        # While a step's batch computes (see `step`'s lock): its request ids, and aborts of
+        # them that wait for the step's end.
+        self._in_flight: frozenset[str] = frozenset()
+        self._aborts_after_step: list[str] = []
         log.info(
             "engine ready: %s, %s on %s, KV capacity %d tokens",
             config.model.architecture,
@@ -259,7 +279,14 @@ class Engine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request wherever it is and free its blocks. False if unknown."""
+        """Stop a request wherever it is and free its blocks. False if unknown.
+
+        A request of the batch that a step is computing (another thread, the step's lock
+        released) is stopped when that step ends: its blocks are being written."""
+        if request_id in self._in_flight:
+            if request_id not in self._aborts_after_step:
+                self._aborts_after_step.append(request_id)
+            return True
         req = self._requests.pop(request_id, None)
         if req is not None:
             self.scheduler.remove(req.seq)
@@ -287,31 +314,54 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
-    def step(self, on_layer_done: Callable[[int], None] | None = None) -> list[RequestOutput]:
+    def step(
+        self,
+        on_layer_done: Callable[[int], None] | None = None,
+        lock: threading.Lock | None = None,
+    ) -> list[RequestOutput]:
+        """Schedule a batch, compute it, sample a token for each sequence that reached the
+        end of its tokens, and return those tokens.
+
+        lock: a lock the caller holds, that other threads take around every other call
+        into this engine (a decode worker's reserve, commit, add, abort and load reports).
+        The step releases it from the forward to the host read of the sampled tokens (the
+        wait for the GPU) and takes it back to apply the results, so a Reserve or Commit
+        waits for the step's bookkeeping, not for its GPU time. Meanwhile the batch's own
+        sequences are not touched: an abort of one is applied at the step's end.
+        """
         batch = self.scheduler.schedule()
         self.current_batch = batch
         if batch.is_empty:
             return []
-        logits, rows = self.runner.run(batch, on_layer_done)
+        self._in_flight = frozenset(s.request_id for s in batch.seqs)
+        try:
+            with _released(lock):
+                logits, rows = self.runner.run(batch, on_layer_done)
+                sampled = [batch.seqs[i] for i in rows]
+                for s in sampled:
+                    if s.generator is not None:  # a seeded draw depends on (seed, position)
+                        assert s.params.seed is not None
+                        s.generator.manual_seed(token_seed(s.params.seed, s.num_output_tokens))
+                result = self.sampler(
+                    logits,
+                    [
+                        # Token histories are only read for penalties; skip the copies otherwise.
+                        SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
+                        if s.params.has_penalties
+                        else SamplingRow(s.params, (), (), s.generator)
+                        for s in sampled
+                    ],
+                )
+        finally:
+            self._in_flight = frozenset()
+            aborted, self._aborts_after_step = self._aborts_after_step, []
         self.scheduler.advance(batch)
-        sampled = [batch.seqs[i] for i in rows]
-        for s in sampled:
-            if s.generator is not None:  # a seeded draw depends on (seed, position) only
-                assert s.params.seed is not None
-                s.generator.manual_seed(token_seed(s.params.seed, s.num_output_tokens))
-        result = self.sampler(
-            logits,
-            [
-                # Token histories are only read for penalties; skip the copies otherwise.
-                SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator)
-                if s.params.has_penalties
-                else SamplingRow(s.params, (), (), s.generator)
-                for s in sampled
-            ],
-        )
         outputs = []
         for seq, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True):
-            outputs.append(self._append_token(self._requests[seq.request_id], token, lp))
+            if seq.request_id not in aborted:
+                outputs.append(self._append_token(self._requests[seq.request_id], token, lp))
+        for request_id in aborted:
+            self.abort(request_id)
         return outputs
 
     def _append_token(

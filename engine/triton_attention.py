@@ -190,7 +190,14 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) ->
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
+# Integers that change from batch to batch are not specialized on (Triton would otherwise
+# compile a variant per class of value: 1, a multiple of 16, other): a step of a new batch
+# shape must not stall the engine for a compile. ModelRunner.warm_up compiles what is left
+# (the constexpr variants) before serving.
+@triton.jit(
+    do_not_specialize=["num_splits", "stride_bt_b", "stride_po_b", "stride_po_h", "stride_po_s",
+                       "stride_pl_b", "stride_pl_h"],
+)  # fmt: skip
 def _paged_decode_kernel(
     q_ptr,  # [B, Hq, D]
     k_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -284,7 +291,10 @@ def _paged_decode_kernel(
         tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_splits", "stride_po_b", "stride_po_h", "stride_po_s", "stride_pl_b",
+                       "stride_pl_h"],
+)  # fmt: skip
 def _decode_reduce_kernel(
     part_out_ptr,  # [B, Hq, num_splits, D] fp32
     part_lse_ptr,  # [B, Hq, num_splits] fp32 (base 2)
@@ -443,7 +453,7 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_b"])  # the batch's block-table width
 def _paged_prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_ptr,  # [num_blocks, block_size, Hkv, D]

@@ -125,10 +125,12 @@ class EngineSink(KVSink):
         return self.engine.pool.cache
 
     def step(self) -> list[RequestOutput]:
-        """One engine step under the lock, preceded by the first tokens of new commits."""
+        """One engine step, preceded by the first tokens of new commits. The lock is held
+        but for the step's GPU time (Engine.step), so Reserve and Commit wait for the step's
+        bookkeeping only, not for the whole decode step."""
         with self.lock:
             outputs, self.outputs = self.outputs, []
-            return outputs + self.engine.step()
+            return outputs + self.engine.step(lock=self.lock)
 
 
 class PoolSink(KVSink):

@@ -11,6 +11,7 @@ operations. Every scenario ends with all blocks free or cached.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -565,3 +566,63 @@ def test_add_request_errors(qwen3: Reference) -> None:
     assert engine.scheduler.num_unfinished == 1  # the refused duplicate replaced nothing
     assert engine.abort("dup")
     assert_idle(engine)
+
+
+# ---- concurrency and start-up --------------------------------------------------------------
+
+
+def test_a_step_releases_its_lock_while_the_batch_computes(ref: Reference) -> None:
+    """A decode worker's lock is free during the forward: another thread's reserve, add and
+    abort go through meanwhile; an abort of a sequence of the batch in flight is applied at
+    the step's end (no token for it, its blocks freed); every other token is unchanged."""
+    engine = ref.engine()
+    lock = threading.Lock()
+    prompts = {f"r{i}": random_prompt(20 + i, seed=600 + i) for i in range(3)}
+    for request_id, prompt in prompts.items():
+        engine.add_request(request_id, prompt, GREEDY)
+    late = random_prompt(30, seed=610)
+    seen: list[bool] = []
+
+    def another_thread() -> None:
+        with lock:
+            assert engine.abort("r1")  # in the batch: deferred
+            engine.add_request("late", late, GREEDY)
+            engine.reserve("imported", random_prompt(40, seed=611), GREEDY)
+
+    def on_layer_done(layer: int) -> None:  # inside the forward
+        if layer == 0:
+            seen.append(lock.locked())
+            thread = threading.Thread(target=another_thread)
+            thread.start()
+            thread.join(10.0)
+            assert not thread.is_alive(), "the step kept its lock during the forward"
+
+    with lock:
+        first = engine.step(on_layer_done, lock=lock)
+        assert lock.locked()  # taken back before the step returned
+    assert seen == [False]
+    assert sorted(o.request_id for o in first) == ["r0", "r2"]
+    results = {o.request_id: Result([*o.new_token_ids], [o]) for o in first}
+    results = run_to_completion(engine, results)
+    assert sorted(results) == ["late", "r0", "r2"]
+    for request_id in ("r0", "r2"):
+        assert results[request_id].token_ids == ref.greedy(prompts[request_id])
+    assert results["late"].token_ids == ref.greedy(late)
+    assert engine.cancel_reservation("imported")
+    assert_idle(engine)
+
+
+def test_warm_up_batches_write_the_scratch_block_only(ref: Reference) -> None:
+    """ModelRunner.warm_up's batches (CUDA start-up) leave every block but the scratch
+    block as it was: a warm-up can never corrupt cached KV."""
+    engine = ref.engine()
+    run_requests(engine, {"a": random_prompt(40, seed=700)})  # cached blocks with content
+    runner = engine.runner
+    assert runner.scratch_block is not None
+    before = engine.pool.cache.clone()
+    for query, rows, width in [(0, 1, 2), (17, 0, 2), (17, 3, 4), (100, 5, 16), (0, 40, 16)]:
+        runner._warm_batch(query, rows, width)
+    others = torch.ones(engine.pool.cache.shape[2], dtype=torch.bool)
+    others[runner.scratch_block] = False
+    assert torch.equal(before[:, :, others], engine.pool.cache[:, :, others])
+    assert not torch.equal(before[:, :, ~others], engine.pool.cache[:, :, ~others])
