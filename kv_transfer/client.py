@@ -97,8 +97,26 @@ class KVTransferClient:
         transport: int = pb.TRANSPORT_GRPC,
     ) -> RemoteReservation:
         """Raises grpc.RpcError RESOURCE_EXHAUSTED when the decode side has no room now."""
+        future = self.reserve_future(
+            request_id, prompt_token_ids, params, layout, cache_salt, lease_s, transport
+        )
+        return self.reservation(request_id, future.result())
+
+    def reserve_future(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        layout: KVLayout,
+        cache_salt: str = "",
+        lease_s: float = 0.0,
+        transport: int = pb.TRANSPORT_GRPC,
+    ) -> grpc.Future:
+        """`reserve` without waiting: several Reserves overlap their round trips. The
+        future's result is the ReserveResponse (`reservation` reads it); a refusal raises
+        from `result()`."""
         bs = layout.block_size
-        resp = self._stub.Reserve(
+        return self._stub.Reserve.future(
             pb.ReserveRequest(
                 request_id=request_id,
                 prompt_token_ids=prompt_token_ids,
@@ -112,6 +130,9 @@ class KVTransferClient:
             timeout=self.config.rpc_timeout_s,
             metadata=self._metadata,
         )
+
+    @staticmethod
+    def reservation(request_id: str, resp: pb.ReserveResponse) -> RemoteReservation:
         return RemoteReservation(
             request_id,
             resp.epoch,
@@ -140,7 +161,19 @@ class KVTransferClient:
         copied_layers: list[int] | None = None,
         layer_digests: list[int] | None = None,
     ) -> pb.CommitResponse:
-        return self._stub.Commit(
+        return self.commit_future(
+            reservation, first_token_id, copied_layers, layer_digests
+        ).result()
+
+    def commit_future(
+        self,
+        reservation: RemoteReservation,
+        first_token_id: int,
+        copied_layers: list[int] | None = None,
+        layer_digests: list[int] | None = None,
+    ) -> grpc.Future:
+        """`commit` without waiting (result: the CommitResponse; a failure raises from it)."""
+        return self._stub.Commit.future(
             pb.CommitRequest(
                 request_id=reservation.request_id,
                 epoch=reservation.epoch,

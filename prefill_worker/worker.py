@@ -6,8 +6,9 @@ A request, through the prefill worker's queues in order:
                caller waits on a Future for the `PrefillResult`
   reserving    the loop thread takes every task in the inbox at once; for each, Reserve on
                the chosen decode worker's KV-transfer service (its prefix hits come back and
-               are never sent), open a transport session, queue the prompt in the engine
-               with hold_kv=True and max_tokens=1 (`LayerStreamer.add_request`)
+               are never sent; Reserves to different decode workers overlap), open a
+               transport session, queue the prompt in the engine with hold_kv=True and
+               max_tokens=1 (`LayerStreamer.add_reserved`)
   deferred     Reserve refused with RESOURCE_EXHAUSTED (the decode pool is full now): the
                task waits here and retries with exponential backoff (5 ms doubling to
                200 ms) until its deadline, as it would wait in a queue
@@ -16,8 +17,9 @@ A request, through the prefill worker's queues in order:
                hook hands layer i's final blocks of each request to its session, so bytes
                move while layer i+1 computes
   completing   the step that samples the first token ends the prefill: wait for the last
-               bytes, Commit with the first token, release the local blocks (they stay in
-               the prefix cache), resolve the Future
+               bytes, release the local blocks (they stay in the prefix cache), send Commit
+               with the first token; the loop goes on to the next step at once, and
+               Commit's answer (on a gRPC thread) resolves the Future
   failed       Reserve refused for another reason, transfer or Commit failed, abort or
                deadline: the remote reservation is aborted, local
                blocks freed, the Future resolves with the status and a gRPC code name
@@ -29,6 +31,7 @@ engine: the loop steps the engine itself and fans each layer's hook out to every
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -49,7 +52,7 @@ from decode_worker.messages import (
 from engine.engine import Engine
 from engine.kv_pool import KVPool
 from kv_transfer.client import ClientConfig, KVTransferClient
-from kv_transfer.layer_stream import LayerStreamer, TransferStatus
+from kv_transfer.layer_stream import LayerStreamer, TransferOutcome, TransferStatus
 from kv_transfer.transport import KVTransport, TransportKind, make_transport
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,13 @@ class _Abort:
     future: Future[bool]
 
 
+@dataclass(frozen=True)
+class _Retire:
+    """A transfer to this decode worker failed after the loop let go of it (its Commit)."""
+
+    kv_address: str
+
+
 class PrefillWorker:
     def __init__(
         self,
@@ -113,7 +123,7 @@ class PrefillWorker:
         self._finish_timeout_s = finish_timeout_s
         self._tls_root_pem = kv_tls_root_pem
         self._tls_server_name = kv_tls_server_name
-        self._inbox: queue.SimpleQueue[_Task | _Abort] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Task | _Abort | _Retire] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streamers: dict[str, LayerStreamer] = {}  # kv address -> streamer
         self._last_used_s: dict[str, float] = {}  # kv address -> when a request last used it
@@ -226,6 +236,8 @@ class PrefillWorker:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(item, _Retire):
+                continue
             if isinstance(item, _Task):
                 item.future.set_result(
                     PrefillResult(
@@ -271,51 +283,89 @@ class PrefillWorker:
             return
         del self._streamers[kv_address]
         try:
-            s.transport.close()
+            s.close()
         except Exception:  # a failed unmap must not take the prefill loop down
             log.exception("%s: closing the transport to %s failed", self.name, kv_address)
-        finally:
-            s.client.close()
         log.info("%s: closed the KV-transfer client to %s", self.name, kv_address)
 
     def _drain_inbox(self) -> None:
+        starting: list[_Task] = []
         if self._deferred:
             now = time.monotonic()
-            due = [t for t in self._deferred if t.retry_at_s <= now]
+            starting = [t for t in self._deferred if t.retry_at_s <= now]
             self._deferred = [t for t in self._deferred if t.retry_at_s > now]
-            for t in due:
-                self._start(t)
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(item, _Abort):
+                # A task of this very drain is not started yet: drop it before its Reserve.
+                mine = [t for t in starting if t.task.request_id == item.request_id]
+                for t in mine:
+                    starting.remove(t)
+                    self._resolve(t, PrefillStatus.ABORTED, "CANCELLED", item.reason)
                 item.future.set_result(
-                    self._abort_task(item.request_id, item.reason, PrefillStatus.ABORTED)
+                    bool(mine)
+                    or self._abort_task(item.request_id, item.reason, PrefillStatus.ABORTED)
                     or self._drop_deferred(item.request_id, item.reason)
                 )
                 continue
+            if isinstance(item, _Retire):
+                self._retire(item.kv_address)
+                continue
             with self._stats_lock:
                 self._num_inbox -= 1
-            self._start(item)
+            starting.append(item)
+        if starting:
+            self._start(starting)
 
-    def _start(self, t: _Task) -> None:
+    def _start(self, tasks: list[_Task]) -> None:
+        """Reserve for the tasks and queue each reserved prompt. Reserves to one decode
+        worker go one after another, in arrival order (its free blocks go first come first
+        served); those to different decode workers overlap their round trips."""
+        by_address: dict[str, list[_Task]] = {}
+        ids = set(self._tasks)
+        for t in tasks:
+            rid = t.task.request_id
+            if time.monotonic() >= t.deadline_s:
+                self._resolve(
+                    t, PrefillStatus.DEADLINE, "DEADLINE_EXCEEDED", "deadline passed in the queue"
+                )
+            elif rid in ids:
+                self._resolve(
+                    t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", f"request_id {rid!r} in use"
+                )
+            else:
+                ids.add(rid)
+                by_address.setdefault(t.task.kv_address, []).append(t)
+        while by_address:
+            sent: list[tuple[_Task, LayerStreamer, grpc.Future]] = []
+            for address, queued in list(by_address.items()):
+                t = queued.pop(0)
+                if not queued:
+                    del by_address[address]
+                streamer = self._streamer(address)
+                task = t.task
+                try:
+                    future = streamer.reserve_future(
+                        task.request_id, list(task.prompt_token_ids), task.params, task.cache_salt
+                    )
+                except ValueError as e:
+                    self._resolve(t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", str(e))
+                    continue
+                sent.append((t, streamer, future))
+            for t, streamer, future in sent:
+                self._add_reserved(t, streamer, future)
+
+    def _add_reserved(self, t: _Task, streamer: LayerStreamer, future: grpc.Future) -> None:
         task = t.task
         rid = task.request_id
-        if time.monotonic() >= t.deadline_s:
-            self._resolve(
-                t, PrefillStatus.DEADLINE, "DEADLINE_EXCEEDED", "deadline passed in the queue"
-            )
-            return
-        if rid in self._tasks:
-            self._resolve(
-                t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", f"request_id {rid!r} in use"
-            )
-            return
-        streamer = self._streamer(task.kv_address)
         try:
-            streamer.add_request(rid, list(task.prompt_token_ids), task.params, task.cache_salt)
+            reservation = streamer.client.reservation(rid, future.result())
+            streamer.add_reserved(
+                reservation, list(task.prompt_token_ids), task.params, task.cache_salt
+            )
         except grpc.RpcError as e:
             if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
                 self._defer(t)
@@ -364,27 +414,43 @@ class PrefillWorker:
             rid = out.request_id
             t = self._tasks.pop(rid)
             streamer = self._owner.pop(rid)
-            outcome = streamer._complete(rid, out.new_token_ids[0], end_perf)
             first_step_s = t.first_step_s if t.first_step_s is not None else start_s
-            ok = outcome.status is TransferStatus.COMMITTED
-            if not ok:
-                self._retire(t.task.kv_address)  # closed once nothing else is in flight
-            self._num_done += 1
-            t.future.set_result(
-                PrefillResult(
-                    request_id=rid,
-                    status=PrefillStatus.COMMITTED if ok else PrefillStatus.FAILED,
-                    first_token_id=outcome.first_token_id if ok else None,
-                    num_cached_tokens=out.num_cached_tokens,
-                    queue_s=first_step_s - t.arrival_s,
-                    prefill_s=end_s - first_step_s,
-                    transfer_s=outcome.record.exposed_s,
-                    num_bytes=outcome.record.num_bytes,
-                    code="" if ok else "UNAVAILABLE",
-                    detail=outcome.detail,
-                )
+            on_outcome = functools.partial(
+                self._committed, t, out.num_cached_tokens, first_step_s, end_s
             )
+            streamer.complete(rid, out.new_token_ids[0], end_perf, on_outcome)
         self._publish_load()
+
+    def _committed(
+        self,
+        t: _Task,
+        num_cached_tokens: int,
+        first_step_s: float,
+        end_s: float,
+        outcome: TransferOutcome,
+    ) -> None:
+        """A request's transfer ended (Commit answered, or failed): resolve its Future. Runs
+        on a gRPC thread, or on the loop's when the transfer failed before Commit."""
+        ok = outcome.status is TransferStatus.COMMITTED
+        if not ok:  # closed on the loop's thread once nothing else is in flight there
+            self._inbox.put(_Retire(t.task.kv_address))
+            self._wake.set()
+        with self._stats_lock:
+            self._num_done += 1
+        t.future.set_result(
+            PrefillResult(
+                request_id=t.task.request_id,
+                status=PrefillStatus.COMMITTED if ok else PrefillStatus.FAILED,
+                first_token_id=outcome.first_token_id if ok else None,
+                num_cached_tokens=num_cached_tokens,
+                queue_s=first_step_s - t.arrival_s,
+                prefill_s=end_s - first_step_s,
+                transfer_s=outcome.record.exposed_s,
+                num_bytes=outcome.record.num_bytes,
+                code="" if ok else "UNAVAILABLE",
+                detail=outcome.detail,
+            )
+        )
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -8,6 +8,7 @@ scenario ends with all blocks free on both sides.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -178,3 +179,43 @@ def test_unreachable_decode_worker_is_refused_and_its_client_closed(
     assert ok.result(30).status is PrefillStatus.COMMITTED
     assert set(prefill.transport_kinds()) == {decode.kv_address}
     wait_until(lambda: all_free(prefill, decode))
+
+
+def test_the_prefill_loop_does_not_wait_for_a_commit() -> None:
+    """A slow Commit on the decode side holds up neither the next prefill nor its tokens:
+    the loop sends Commit and goes on; the answer resolves the first request later."""
+    decode = DecodeWorker("d", engine(16), KVServiceSpec(TOKEN, "127.0.0.1"))
+    prefill = PrefillWorker("p", engine(32), TOKEN, TransportKind.GRPC)
+    commit = decode.sink.commit
+    committing = threading.Event()
+
+    def slow_commit(request_id: str, first_token_id: int) -> None:
+        if request_id == "a":
+            committing.set()
+            time.sleep(1.0)
+        commit(request_id, first_token_id)
+
+    decode.sink.commit = slow_commit  # type: ignore[method-assign]
+    decode.start()
+    prefill.start()
+    try:
+        prompts = {"a": list(range(1, 41)), "b": list(range(101, 141))}
+        outputs = engine(64).generate(list(prompts.values()), GREEDY)
+        expected = dict(zip(prompts, outputs, strict=True))
+        tasks = {rid: PrefillTask(rid, tuple(p), GREEDY, "", decode.kv_address, 30.0)
+                 for rid, p in prompts.items()}  # fmt: skip
+        a = prefill.submit(tasks["a"])
+        wait_until(committing.is_set)  # a is prefilled, its Commit sleeping
+        b = prefill.submit(tasks["b"])
+        result_b = b.result(10)
+        assert not a.done()  # b went through while a's Commit was still sleeping
+        result_a = a.result(10)
+        assert result_b.status is result_a.status is PrefillStatus.COMMITTED
+        assert result_b.queue_s < 0.5
+        assert result_a.transfer_s >= 1.0 > result_b.transfer_s
+        for rid in prompts:
+            assert [t for c in collect(decode, rid) for t in c.token_ids] == expected[rid]
+        wait_until(lambda: all_free(prefill, decode))
+    finally:
+        prefill.stop()
+        decode.stop()
