@@ -14,12 +14,16 @@ Per request, after Reserve (which names the decode block ids), each `send_layer`
                                                session's per-layer digests
 
 so layer i moves while layer i+1 computes, and the decode GPU runs nothing for it. The
-block ids (local and decode, checked against both pools on the host) are uploaded once per
-distinct block list of a session, on a stream of their own, and reused by every layer that
-sends the same blocks: a send_layer is an event record, a wait and one (direct) launch,
-~20 us of host time however fragmented either block table is. `finish` queues the digests'
-copy to host behind the last launch, polls one event, and only then does Commit go out.
-`abort` waits for the launches already queued, so no side frees blocks a kernel touches.
+block ids (local and decode, checked against both pools on the host, with numpy) go to the
+GPU once per distinct block list of a session, both rows in one pitched copy on a stream of
+their own, and are reused by every layer that sends the same blocks: a send_layer is an
+event record, a wait and one (direct) launch, ~20 us of host time however fragmented either
+block table is. Opening a session takes a device buffer from the transport's ring (no
+allocation) and zeroes its digests: nothing else happens before the first send, since a
+whole request's fixed host cost is most of what separates a 1k-token copy (~0.35 ms) from
+the bare copy. `finish` queues the digests' copy to host behind the last launch, polls one
+event, and only then does Commit go out. `abort` waits for the launches already queued, so
+no side frees blocks a kernel touches.
 
 CopyMode.MEMCPY (constructor argument, or BATON_KV_COPY_MODE=memcpy) is the copy-engine
 fallback: one cudaMemcpy2DAsync per run of blocks contiguous on both sides (ipc_plan.py),
@@ -43,6 +47,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
+import numpy as np
 import torch
 
 from engine.kv_pool import KVPool
@@ -112,6 +117,7 @@ class CudaIpcTransport(KVTransport):
         self.stream = torch.cuda.Stream(self.local_device, priority=-1)  # sends and digests
         self.upload_stream = torch.cuda.Stream(self.local_device)  # block ids; never waits
         self.uploads = _Uploads(runtime, self.upload_stream, num_slots=64, pinned=True)
+        self.buffers = _SessionBuffers(self.local_device, pool.num_layers)
         self.ready = torch.cuda.Event()  # re-recorded by every send (a wait takes its state)
         pinned = self.local_device.type == "cuda"
         self.digests_host = torch.empty(pool.num_layers, dtype=torch.int64, pin_memory=pinned)
@@ -178,7 +184,8 @@ class CudaIpcTransport(KVTransport):
             launch_blocks(self.local_words, self.remote_words, ids, digests, layers, first_index,
                           num_local, num_remote, half_words, self.stream)  # fmt: skip
             return 1
-        copies = plan_copies(layers, contiguous_runs(local_ids, remote_ids), num_local, num_remote,
+        runs = contiguous_runs(list(local_ids), np.asarray(remote_ids).tolist())  # plain ints
+        copies = plan_copies(layers, runs, num_local, num_remote,
                              self.half_block_bytes, self.max_pitch)  # fmt: skip
         issue_copies(self.runtime, copies, self.pool.cache.data_ptr(), self.remote.address,
                      self.stream.cuda_stream)  # fmt: skip
@@ -187,8 +194,8 @@ class CudaIpcTransport(KVTransport):
         return len(copies) + 1
 
 
-def _check_ids(name: str, ids: Sequence[int], num_blocks: int) -> None:
-    if ids and (min(ids) < 0 or max(ids) >= num_blocks):
+def _check_ids(name: str, ids: np.ndarray, num_blocks: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):
         raise ValueError(f"{name} block ids out of range [0, {num_blocks})")
 
 
@@ -212,61 +219,97 @@ class _Uploads:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def upload(self, dst: int, words: Sequence[int]) -> torch.cuda.Event:
-        """Queue the copy of int32 `words` to device address dst; returns an event that
+    def upload(self, dst: int, dst_pitch: int, rows: np.ndarray) -> torch.cuda.Event:
+        """Queue the copy of int32 rows [R, k] to device rows dst_pitch bytes apart from
+        address dst (one pitched copy per slot's worth of columns); returns an event that
         completes once they landed."""
         with self._lock:
-            return self._upload(dst, words)
+            return self._upload(dst, dst_pitch, rows)
 
-    def _upload(self, dst: int, words: Sequence[int]) -> torch.cuda.Event:
+    def _upload(self, dst: int, dst_pitch: int, rows: np.ndarray) -> torch.cuda.Event:
+        num_rows, width = rows.shape
+        step = self.SLOT_WORDS // num_rows
         event = self._events[0]
-        for start in range(0, len(words), self.SLOT_WORDS):
+        for start in range(0, width, step):
             k, self._next = self._next, (self._next + 1) % len(self._events)
             event = self._events[k]
             if self._used[k]:
                 event.synchronize()  # queued num_slots uploads ago: done long since
-            chunk = words[start : start + self.SLOT_WORDS]
-            self._host_words[k, : len(chunk)] = chunk
+            chunk = rows[:, start : start + step]
+            cols = chunk.shape[1]
+            self._host_words[k, : num_rows * cols].reshape(num_rows, cols)[:] = chunk
             src = self._host.data_ptr() + 4 * k * self.SLOT_WORDS
-            self._runtime.memcpy_async(
-                dst + 4 * start, src, 4 * len(chunk), self._stream.cuda_stream
-            )
+            self._runtime.memcpy_2d_async(dst + 4 * start, dst_pitch, src, 4 * cols, 4 * cols,
+                                          num_rows, self._stream.cuda_stream)  # fmt: skip
             event.record(self._stream)
             self._used[k] = True
         return event
 
 
+class _SessionBuffers:
+    """Device buffers for sessions, reused: a session takes one at open and gives it back
+    when `finish` or `abort` returns (every launch that used it has completed then). One
+    allocated at open would cost ~20 us of host time (the allocation belongs to the upload
+    stream, and entering a stream context is slow in Python); a session over more than
+    MAX_BLOCKS blocks, or opened while all are taken, still allocates its own."""
+
+    MAX_BLOCKS = 4096  # table length a buffer fits: 64k tokens at 16 per block
+    COUNT = 16
+
+    def __init__(self, device: torch.device, num_layers: int) -> None:
+        self._device = device
+        self._num_layers = num_layers
+        self._words = 2 * self.MAX_BLOCKS + 2 * num_layers
+        self._free: list[torch.Tensor] = []
+        self._made = 0
+        self._lock = threading.Lock()
+
+    def take(self, num_blocks: int, upload_stream: torch.cuda.Stream) -> torch.Tensor:
+        """int32 [2 * num_blocks + 2 * num_layers] on the device, contents undefined."""
+        need = size = 2 * num_blocks + 2 * self._num_layers
+        if num_blocks <= self.MAX_BLOCKS:
+            with self._lock:
+                if self._free:
+                    return self._free.pop()[:need]
+                if self._made < self.COUNT:
+                    self._made += 1
+                    size = self._words
+        with torch.cuda.stream(upload_stream):
+            return torch.empty(size, dtype=torch.int32, device=self._device)[:need]
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        base = buf if buf._base is None else buf._base
+        if base.numel() == self._words:
+            with self._lock:
+                self._free.append(base)
+
+
 class _IpcSession(TransferSession):
-    """The session's device memory, one allocation of int32 words (n = the reservation's
-    table length, L = layers), made at open:
+    """The session's device memory, int32 words (n = the reservation's table length, L =
+    layers), from the transport's `_SessionBuffers`:
 
-        [ local ids: n | decode ids: n | digests: 2L words (int64 [L]) ]
+        [ ids: 2 x n (row 0 the local ids, row 1 the decode ids) | digests: 2L words ]
 
-    The decode ids and zero digests are uploaded at open; the local ids column range by
-    column range as block lists come (`_Uploads`); the send stream waits for each upload by
-    event. Column i only ever holds table index i's local block (checked), so a rewrite
-    never changes a value that a queued kernel reads; kernels read ids[:, first:first + k]
-    in place. The allocation is made for the upload stream and marked used by the send
-    stream: the caching allocator reuses it only once both are past it.
+    Open zeroes the digests (a memset on the send stream). Each new block list uploads its
+    columns [first, first + k) of both rows in one pitched copy (`_Uploads`), which the send
+    stream waits for by event. Column i only ever holds table index i's blocks (checked),
+    so a rewrite never changes a value that a queued kernel reads; kernels read
+    ids[:, first:first + k] in place. The buffer goes back to the transport once `finish`
+    or `abort` has seen every launch complete (a session that ends otherwise keeps it).
     """
 
     def __init__(self, transport: CudaIpcTransport, reservation: RemoteReservation) -> None:
         t = self._t = transport
-        self._dst = reservation.block_ids
+        self._dst = np.asarray(reservation.block_ids, dtype=np.int64)
         n, num_layers = len(self._dst), t.pool.num_layers
         _check_ids("decode", self._dst, t.remote.num_blocks)
-        with torch.cuda.stream(t.upload_stream):
-            self._buf = torch.empty(
-                2 * n + 2 * num_layers, dtype=torch.int32, device=t.local_device
-            )
+        self._buf: torch.Tensor | None = t.buffers.take(n, t.upload_stream)
         if self._buf.is_cuda:
             self._buf.record_stream(t.stream)
         self._ids = self._buf[: 2 * n].view(2, n)
         self._digests = self._buf[2 * n :].view(torch.int64)  # by layer; kernels add to it
-        t.stream.wait_event(
-            t.uploads.upload(self._ids[1].data_ptr(), (*self._dst, *(0,) * 2 * num_layers))
-        )
-        self._local: list[int | None] = [None] * n  # the local row, as uploaded
+        t.runtime.memset_async(self._digests.data_ptr(), 0, 8 * num_layers, t.stream.cuda_stream)
+        self._local = np.full(n, -1, dtype=np.int64)  # the local row as uploaded (-1: not yet)
         self._ids_key: tuple[int, tuple[int, ...]] | None = None  # (first_block, local ids)
         self._ids_view = self._ids  # self._ids[:, first_block:first_block + k] of _ids_key
         self._num_bytes = 0
@@ -299,7 +342,7 @@ class _IpcSession(TransferSession):
         if first_block < 0 or end > len(self._dst):
             raise ValueError(f"blocks [{first_block}, {end}) beyond the reservation")
         if key != self._ids_key:  # layer streaming: once per step, not once per layer
-            self._upload_local_ids(first_block, key[1])
+            self._upload_ids(first_block, key[1])
             self._ids_key, self._ids_view = key, self._ids[:, first_block:end]
         t.ready.record(torch.cuda.current_stream(t.local_device))
         t.stream.wait_event(t.ready)
@@ -307,20 +350,33 @@ class _IpcSession(TransferSession):
                                         key[1], self._dst[first_block:end])  # fmt: skip
         self._num_bytes += len(key[1]) * t.pool.layer_block_bytes * len(layers)
 
-    def _upload_local_ids(self, first_block: int, local: tuple[int, ...]) -> None:
+    def _upload_ids(self, first_block: int, local: tuple[int, ...]) -> None:
         t = self._t
-        _check_ids("local", local, t.pool.num_blocks)
-        end = first_block + len(local)
-        for i, (was, now) in enumerate(zip(self._local[first_block:end], local, strict=True)):
-            if was is not None and was != now:
-                raise ValueError(f"table index {first_block + i} sent from blocks {was} and {now}")
-        self._local[first_block:end] = local
-        t.stream.wait_event(t.uploads.upload(self._ids.data_ptr() + 4 * first_block, local))
+        now = np.asarray(local, dtype=np.int64)
+        _check_ids("local", now, t.pool.num_blocks)
+        end = first_block + len(now)
+        was = self._local[first_block:end]
+        clash = np.flatnonzero((was >= 0) & (was != now))
+        if clash.size:
+            i = int(clash[0])
+            raise ValueError(
+                f"table index {first_block + i} sent from blocks {was[i]} and {now[i]}"
+            )
+        self._local[first_block:end] = now
+        rows = np.stack([now, self._dst[first_block:end]])
+        n = len(self._dst)
+        t.stream.wait_event(t.uploads.upload(self._ids.data_ptr() + 4 * first_block, 4 * n, rows))
 
     def _record_done(self) -> torch.cuda.Event:
         done = torch.cuda.Event()
         done.record(self._t.stream)
         return done
+
+    def _release_buffer(self) -> None:
+        """Every launch that used the buffer is done: the transport may reuse it."""
+        if self._buf is not None:
+            self._t.buffers.give_back(self._buf)
+            self._buf = None
 
     def finish(self, timeout_s: float) -> SentBytes:
         t = self._t
@@ -337,9 +393,11 @@ class _IpcSession(TransferSession):
                 if waited_s > _SPIN_S:
                     time.sleep(50e-6)
             digests = tuple(t.digests_host.tolist())
+        self._release_buffer()
         return SentBytes(self._num_bytes, self._num_launches, self._first_send_s, digests)
 
     def abort(self) -> None:
         """Stop; returns once the launches already queued are done (see the module doc)."""
         self._aborted = True
         self._record_done().synchronize()
+        self._release_buffer()

@@ -6,8 +6,8 @@
 - `cudaMemcpy2DAsync`: the copy-engine fallback (`CopyMode.MEMCPY`). `torch.Tensor.copy_`
   moves one contiguous range per call and, across devices, adds two events per call; one
   pitched copy moves a run of blocks in every (layer, K/V) row at once.
-- `cudaMemcpyAsync`: the block ids up and the digests down, on a given stream, without
-  entering torch's stream context (~15 us a time in Python).
+- `cudaMemcpyAsync`, `cudaMemsetAsync`: the block ids up, the digests zeroed and down, on a
+  given stream, without entering torch's stream context (~15 us a time in Python).
 
 The functions are called through ctypes on the CUDA runtime library that torch has already
 loaded (found in /proc/self/maps), so the calls share torch's runtime state: its streams,
@@ -82,6 +82,9 @@ class CudaRuntime:
         self._memcpy = lib.cudaMemcpyAsync
         self._memcpy.argtypes = [c_void_p, c_void_p, c_size_t, c_int, c_void_p]
         self._memcpy.restype = c_int
+        self._memset = lib.cudaMemsetAsync
+        self._memset.argtypes = [c_void_p, c_int, c_size_t, c_void_p]
+        self._memset.restype = c_int
         self._enable_peer = lib.cudaDeviceEnablePeerAccess
         self._enable_peer.argtypes = [c_int, ctypes.c_uint]
         self._enable_peer.restype = c_int
@@ -130,6 +133,12 @@ class CudaRuntime:
         """Queue a copy of num_bytes (direction from the addresses: device or pinned host)."""
         err = self._memcpy(dst, src, num_bytes, _CUDA_MEMCPY_DEFAULT, stream)
         self._check(err, f"cudaMemcpyAsync({num_bytes} bytes)")
+
+    def memset_async(self, dst: int, value: int, num_bytes: int, stream: int) -> None:
+        """Queue setting num_bytes of device memory at dst to the byte `value`."""
+        self._check(
+            self._memset(dst, value, num_bytes, stream), f"cudaMemsetAsync({num_bytes} bytes)"
+        )
 
     def upload_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
         """Queue a copy of num_bytes of pageable host memory to the device. The driver stages

@@ -192,10 +192,13 @@ class MemmoveRuntime:
         self.log = log
 
     def memcpy_2d_async(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:  # noqa: ANN001
-        assert stream == 7
         for row in range(height):
             ctypes.memmove(dst + row * dst_pitch, src + row * src_pitch, width)
-        self.log.append(f"copy {width}x{height}")
+        self.log.append(f"copy {width}x{height}" + {7: "", 8: " on up"}[stream])
+
+    def memset_async(self, dst: int, value: int, num_bytes: int, stream: int) -> None:
+        ctypes.memset(dst, value, num_bytes)
+        self.log.append(f"memset {num_bytes} B on {({7: 'send', 8: 'up'})[stream]}")
 
     def memcpy_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
         ctypes.memmove(dst, src, num_bytes)
@@ -209,7 +212,7 @@ def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     from engine.kv_pool import KVPool
     from engine.presets import preset
     from kv_transfer.client import RemoteReservation
-    from kv_transfer.cuda_ipc import CudaIpcTransport, _Uploads
+    from kv_transfer.cuda_ipc import CudaIpcTransport, _SessionBuffers, _Uploads
     from kv_transfer.ipc_handle import RemotePool
 
     log: list[str] = []
@@ -240,13 +243,14 @@ def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
         t.upload_stream.cuda_stream = 8
         t.ready = FakeEvent(log)  # e0
         t.uploads = _Uploads(t.runtime, t.upload_stream, num_slots=2, pinned=False)  # e1, e2
+        t.buffers = _SessionBuffers(t.local_device, local.num_layers)
         t.digests_host = torch.empty(2, dtype=torch.int64)
         t.finish_lock = threading.Lock()
         reservation = RemoteReservation("r", 1, (8, 2, 3, 4, 0), 0, 10.0)
         created = len(log)
         session = t.open(reservation)
-        # Open: the decode ids and zero digests (5 + 2 * 2 words), in slot 0.
-        assert log[created:] == ["memcpy 36 B on up", "record e1 on up", "send waits e1"]
+        # Open: the digests zeroed (2 layers), nothing uploaded before the first send.
+        assert log[created:] == ["memset 16 B on send"]
         return t, remote, session, log
 
     return make
@@ -266,9 +270,9 @@ def test_session_sends_after_the_compute_one_launch_per_layer(make_session, mode
     queued = [f"copy {half}x2", f"copy {2 * half}x2", f"copy {half}x2", f"copy {half}x2",
               "launch digest layers [0]"] if mode == "memcpy" else ["launch copy layers [0]"]  # fmt: skip
     assert log[: 5 + len(queued)] == [
-        "memcpy 20 B on up",  # the local ids, once for both layers, in slot 1,
-        "record e2 on up",
-        "send waits e2",  # which the send stream waits for
+        "copy 20x2 on up",  # local and decode ids, one pitched copy for both layers, slot 0,
+        "record e1 on up",
+        "send waits e1",  # which the send stream waits for
         "record e0 on compute",  # after the layer's compute, on the caller's stream
         "send waits e0",  # the send stream waits for it, then:
         *queued,  # kernel: one launch; memcpy: one pitched copy per run + a digest launch
@@ -291,8 +295,9 @@ def test_session_whole_request_in_pieces_and_bad_ids(make_session):  # noqa: ANN
     t, remote, session, log = make_session("kernel")
     session.send_all_layers(0, [5, 6])
     session.send_all_layers(2, [11, 0, 9])
-    # The second block list: its 3 columns only, in slot 0 again, once slot 0's copy is done.
-    assert log[-7:-3] == ["sync e1", "memcpy 12 B on up", "record e1 on up", "send waits e1"]
+    # The second block list: its 3 columns of both rows only, in slot 1.
+    assert log[-6:] == ["copy 12x2 on up", "record e2 on up", "send waits e2",
+                        "record e0 on compute", "send waits e0", "launch copy layers [0, 1]"]  # fmt: skip
     with pytest.raises(ValueError, match="beyond the reservation"):
         session.send_all_layers(4, [1, 2])
     with pytest.raises(ValueError, match="local block ids out of range"):
