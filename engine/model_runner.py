@@ -163,10 +163,10 @@ class ModelRunner:
             width = min(width, self.max_blocks)
             for query in (0, 17, 100, 2048):
                 for rows in (0, 1, 2, 3, 5, 8, 17, 40):
-                    rows = min(rows, self.config.max_num_seqs - (query > 0))
-                    query = min(query, width * bs, budget - rows)
-                    if query > 0 or rows > 0:
-                        self._warm_batch(query, rows, width)
+                    q = min(query, width * bs, budget)
+                    r = max(0, min(rows, budget - q, self.config.max_num_seqs - (q > 0)))
+                    if q > 0 or r > 0:
+                        self._warm_batch(q, r, width)
         torch.cuda.synchronize(self.device)
 
     def _warm_batch(self, query: int, rows: int, width: int) -> None:
