@@ -15,8 +15,7 @@ Per request, after Reserve (which names the decode block ids), each `send_layer`
 
 so layer i moves while layer i+1 computes, and the decode GPU runs nothing for it. The
 block ids (local and decode, checked against both pools on the host, with numpy) go to the
-GPU once per distinct block list of a session, both rows in one pitched copy on a stream of
-their own, and are reused by every layer that sends the same blocks: a send_layer is an
+GPU once per distinct block list of a session, one copy per row on a stream of their own, and are reused by every layer that sends the same blocks: a send_layer is an
 event record, a wait and one (direct) launch, ~20 us of host time however fragmented either
 block table is. Opening a session takes a device buffer from the transport's ring (no
 allocation) and zeroes its digests: nothing else happens before the first send, since a
@@ -221,7 +220,7 @@ class _Uploads:
 
     def upload(self, dst: int, dst_pitch: int, rows: np.ndarray) -> torch.cuda.Event:
         """Queue the copy of int32 rows [R, k] to device rows dst_pitch bytes apart from
-        address dst (one pitched copy per slot's worth of columns); returns an event that
+        address dst (one copy per row and slot's worth of columns); returns an event that
         completes once they landed."""
         with self._lock:
             return self._upload(dst, dst_pitch, rows)
@@ -239,8 +238,10 @@ class _Uploads:
             cols = chunk.shape[1]
             self._host_words[k, : num_rows * cols].reshape(num_rows, cols)[:] = chunk
             src = self._host.data_ptr() + 4 * k * self.SLOT_WORDS
-            self._runtime.memcpy_2d_async(dst + 4 * start, dst_pitch, src, 4 * cols, 4 * cols,
-                                          num_rows, self._stream.cuda_stream)  # fmt: skip
+            for row in range(num_rows):  # 1-D copies: a pitched one from host costs ~150 us
+                self._runtime.memcpy_async(dst + 4 * start + row * dst_pitch,
+                                           src + 4 * row * cols, 4 * cols,
+                                           self._stream.cuda_stream)  # fmt: skip
             event.record(self._stream)
             self._used[k] = True
         return event
@@ -291,8 +292,8 @@ class _IpcSession(TransferSession):
         [ ids: 2 x n (row 0 the local ids, row 1 the decode ids) | digests: 2L words ]
 
     Open zeroes the digests (a memset on the send stream). Each new block list uploads its
-    columns [first, first + k) of both rows in one pitched copy (`_Uploads`), which the send
-    stream waits for by event. Column i only ever holds table index i's blocks (checked),
+    columns [first, first + k) of both rows (`_Uploads`), which the send stream waits for by
+    event. Column i only ever holds table index i's blocks (checked),
     so a rewrite never changes a value that a queued kernel reads; kernels read
     ids[:, first:first + k] in place. The buffer goes back to the transport once `finish`
     or `abort` has seen every launch complete (a session that ends otherwise keeps it).

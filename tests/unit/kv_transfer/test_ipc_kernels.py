@@ -269,15 +269,16 @@ def test_session_sends_after_the_compute_one_launch_per_layer(make_session, mode
     half = t.half_block_bytes
     queued = [f"copy {half}x2", f"copy {2 * half}x2", f"copy {half}x2", f"copy {half}x2",
               "launch digest layers [0]"] if mode == "memcpy" else ["launch copy layers [0]"]  # fmt: skip
-    assert log[: 5 + len(queued)] == [
-        "copy 20x2 on up",  # local and decode ids, one pitched copy for both layers, slot 0,
+    assert log[: 6 + len(queued)] == [
+        "memcpy 20 B on up",  # local ids, then decode ids: once for both layers, slot 0,
+        "memcpy 20 B on up",
         "record e1 on up",
         "send waits e1",  # which the send stream waits for
         "record e0 on compute",  # after the layer's compute, on the caller's stream
         "send waits e0",  # the send stream waits for it, then:
         *queued,  # kernel: one launch; memcpy: one pitched copy per run + a digest launch
     ]
-    assert log[5 + len(queued) : 7 + len(queued)] == ["record e0 on compute", "send waits e0"]
+    assert log[6 + len(queued) : 8 + len(queued)] == ["record e0 on compute", "send waits e0"]
     assert log[-4:] == ["memcpy 16 B on send", "new e3", "record e3 on send", "query e3"]
     landed, sent_kv = remote[:, :, [8, 2, 3, 4, 0]], t.pool.cache[:, :, local]
     assert torch.equal(landed.view(torch.int16), sent_kv.view(torch.int16))  # NaN bit patterns
@@ -296,7 +297,7 @@ def test_session_whole_request_in_pieces_and_bad_ids(make_session):  # noqa: ANN
     session.send_all_layers(0, [5, 6])
     session.send_all_layers(2, [11, 0, 9])
     # The second block list: its 3 columns of both rows only, in slot 1.
-    assert log[-6:] == ["copy 12x2 on up", "record e2 on up", "send waits e2",
+    assert log[-7:] == ["memcpy 12 B on up", "memcpy 12 B on up", "record e2 on up", "send waits e2",
                         "record e0 on compute", "send waits e0", "launch copy layers [0, 1]"]  # fmt: skip
     with pytest.raises(ValueError, match="beyond the reservation"):
         session.send_all_layers(4, [1, 2])
