@@ -145,7 +145,7 @@ class ModelRunner:
 
         Triton compiles a kernel variant the first time a launch needs it, which stalls the
         whole engine for 0.4 to 1 s; measured (`python -m loadtest.step_trace`, H100): the
-        first minute of 2k-prompt traffic hit 10 such steps, TTFT p90 630 ms cold against
+        first minute of 2k-prompt traffic hit 11 such steps, TTFT p90 630 ms cold against
         106 ms warm. The kernels do not specialize on what varies per batch (see
         triton_attention.py), so the variants left are few: prefill tiles for short and long
         queries, decode with and without split-K and the reduce's padded split counts, and

@@ -163,8 +163,9 @@ def main() -> None:
     log.info("engine ready in %.1f s; Triton cache entries %d -> %d", time.perf_counter() - t0,
              entries_start, triton_cache_entries())  # fmt: skip
     passes = []
-    for rate in (float(r) for r in args.rates.split(",")):
-        for label, seed in (("cold", 1), ("warm", 2)):
+    for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+        # Fresh prompts in every pass (a repeated prompt would be a prefix-cache hit).
+        for label, seed in (("cold", 2 * i + 1), ("warm", 2 * i + 2)):
             before = triton_cache_entries()
             p = run_pass(engine, rate, args.duration_s, args.input_len, args.output_len, seed)
             p["pass"] = label
