@@ -30,7 +30,10 @@ Launch: the first launch per (device, mode) goes through Triton's JIT; later one
 CompiledKernel's launcher directly (`launch_blocks`: ~8 us of host time instead of ~30).
 This stays valid because the kernel is compiled without value or alignment specialization
 of its integers and id/digest pointers, and `_direct_launch_ok` checks the rest (pools
-16-byte aligned, the launching device current, no launch hooks set).
+16-byte aligned, the launching device current, no launch hooks set). The launcher's
+signature is Triton's internal (3.6 here): if a direct call is refused (TypeError,
+AttributeError, as another Triton version may), the process logs it once and uses Triton's
+own launch path from then on.
 
 The torch reference of the digest is ipc_plan.layer_digests_torch (also the CPU path);
 `ipc_plan.layer_digests` picks `cuda_layer_digests` for CUDA pools. Triton is imported only
@@ -41,6 +44,7 @@ Triton's interpreter (TRITON_INTERPRET=1 set before triton is first imported).
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +52,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+log = logging.getLogger(__name__)
 
 MAX_BLOCK_WORDS = 4096  # words per program: 8 KB, 64 B per thread at 4 warps
 
@@ -122,6 +128,7 @@ def half_block_words(cache: torch.Tensor) -> int:
 # call; launching the compiled kernel directly costs ~8 (H200 host), which is most of a
 # layer's send.
 _compiled: dict[tuple[int, int, int, bool, bool], Any] = {}
+_direct_launch = [True]  # False once a direct call failed: Triton's launch path only
 
 
 def launch_blocks(
@@ -157,20 +164,26 @@ def launch_blocks(
             ids.stride(0), 2 * layers.start, src_num_blocks, dst_num_blocks, first_index)  # fmt: skip
     constants = (half_words, block, dst is not None, digests is not None)
     key = (ids.device.index if ids.is_cuda else -1, *constants)
-    compiled = _compiled.get(key)
+    compiled = _compiled.get(key) if _direct_launch[0] else None
     if compiled is not None and _direct_launch_ok(src, dst, key[0]):
         raw_stream = (
             stream.cuda_stream if stream is not None else torch.cuda.current_stream().cuda_stream
         )
-        run = compiled.run  # first: it loads the module that `function` names
-        run(*grid, raw_stream, compiled.function, compiled.packed_metadata, None, None, None,
-            *args, *constants)  # fmt: skip
-        return
+        try:
+            run = compiled.run  # first: it loads the module that `function` names
+            run(*grid, raw_stream, compiled.function, compiled.packed_metadata, None, None, None,
+                *args, *constants)  # fmt: skip
+            return
+        except (TypeError, AttributeError) as e:  # refused before launching: not this Triton's
+            log.warning("direct launch of the KV copy kernel refused (%r): Triton %s's own "
+                        "launch path from now on", e, triton.__version__)  # fmt: skip
+            _direct_launch[0] = False
+            _compiled.clear()
     with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
         compiled = _blocks_kernel[grid](*args, HALF_WORDS=half_words, BLOCK=block,
                                         COPY=dst is not None, DIGEST=digests is not None,
                                         num_warps=4)  # fmt: skip
-    if ids.is_cuda and _direct_launch_ok(src, dst, ids.device.index):
+    if _direct_launch[0] and ids.is_cuda and _direct_launch_ok(src, dst, ids.device.index):
         _compiled[key] = compiled  # built for aligned pools: what the direct path checks
 
 

@@ -151,6 +151,32 @@ def test_extreme_words_sum_exactly():
 
 
 @interpreted
+def test_a_refused_direct_launch_falls_back_to_tritons_launch(monkeypatch):  # noqa: ANN001
+    """Another Triton's launcher may take other arguments: the copy still happens, through
+    Triton's own launch path, and the direct path is not tried again."""
+    src = random_pool(2, 6, (2, 2, 8), torch.bfloat16, seed=8)
+    dst = torch.zeros_like(src)
+    half_words = ipc_kernels.half_block_words(src)
+
+    class OtherTriton:
+        function = packed_metadata = None
+
+        def run(self, *args: object) -> None:
+            raise TypeError("run() takes 9 positional arguments")
+
+    key = (-1, half_words, half_words, True, False)  # CPU ids; BLOCK = the half-block here
+    monkeypatch.setitem(ipc_kernels._compiled, key, OtherTriton())
+    monkeypatch.setattr(ipc_kernels, "_direct_launch_ok", lambda *args: True)
+    monkeypatch.setattr(ipc_kernels, "_direct_launch", [True])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream("compute", []))
+    ids = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32)
+    ipc_kernels.launch_blocks(src.view(torch.int16), dst.view(torch.int16), ids, None, range(2),
+                              0, 6, 6, half_words)  # fmt: skip
+    assert torch.equal(dst[:, :, [0, 5]].view(torch.int16), src[:, :, [4, 1]].view(torch.int16))
+    assert ipc_kernels._direct_launch == [False] and not ipc_kernels._compiled
+
+
+@interpreted
 def test_gather_blocks_reads_a_pool_by_address():
     src = random_pool(3, 8, (2, 2, 8), torch.bfloat16, seed=6)
     got = ipc_kernels.gather_blocks(src.view(torch.int16), src.shape, src.dtype, [6, 1, 3],
