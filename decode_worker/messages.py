@@ -33,6 +33,13 @@ class WorkerLoad:
     prefix_queried_tokens: int
     num_requests_done: int
     kv_address: str = ""  # decode workers: host:port of the KV-transfer service
+    # Engine steps since the worker started: how many, their wall time (the loop's
+    # `engine.step` calls, host and GPU) and their batch rows (sequences stepped) summed.
+    # Differences over a load-test run give the mean step time and batch, and how busy the
+    # loop was: the evidence for where decode time goes in a cluster.
+    num_steps: int = 0
+    step_s: float = 0.0
+    step_rows: int = 0
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -95,6 +95,7 @@ class DecodeWorker:
         self.sink = _WakingSink(engine, self)
         self._aborted: dict[str, float] = {}  # request id -> time of the abort
         self._num_done = 0
+        self._steps = (0, 0.0, 0)  # engine steps, their wall seconds, their batch rows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: str = ""
@@ -154,7 +155,12 @@ class DecodeWorker:
                 if committed:
                     self._publish(committed)
                 if busy:
-                    self._publish(self.sink.step())
+                    start_s = time.perf_counter()
+                    outputs = self.sink.step()
+                    steps, step_s, rows = self._steps
+                    self._steps = (steps + 1, step_s + time.perf_counter() - start_s,
+                                   rows + len(self.engine.current_batch.seqs))  # fmt: skip
+                    self._publish(outputs)
                 elif not committed:
                     self.wake.wait(IDLE_WAIT_S)
                     self.wake.clear()
@@ -230,6 +236,9 @@ class DecodeWorker:
                 prefix_queried_tokens=stats.queried_tokens,
                 num_requests_done=self._num_done,
                 kv_address=self.kv_address,
+                num_steps=self._steps[0],
+                step_s=self._steps[1],
+                step_rows=self._steps[2],
             )
 
     def kv_counters(self) -> dict[str, int]:

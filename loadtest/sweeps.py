@@ -41,7 +41,7 @@ from loadtest.datasets import Dataset, RandomDataset, SharedPrefixDataset
 from loadtest.metrics import SLO
 from loadtest.results import ResultFile, RunResult, build_result, save_results
 from loadtest.runner import RunOptions, run
-from loadtest.targets import Target
+from loadtest.targets import Target, step_deltas
 
 WARMUP_MAX_TOKENS = 32
 WARMUPS_PER_WORKER = 2
@@ -206,8 +206,12 @@ def run_sweep(target: Target, sweep: SweepSpec, label: str, budget: Budget, note
             request_id_prefix=tag,
         )
         arrival = OpenLoop(rate, 1.0, sweep.seed + i)
+        steps_before = target.worker_steps()
         raw = run(target, salted(dataset.generate(), tag), arrival, options)
-        result = build_result(raw, dataset.describe(), described, sweep.slo)
+        steps = step_deltas(steps_before, target.worker_steps(), raw.duration_s)
+        result = build_result(
+            raw, dataset.describe(), described | {"worker_steps": steps}, sweep.slo
+        )
         runs.append(result)
         save_results(sweep.out_path, ResultFile(label, runs))
         s = result.summary
@@ -216,6 +220,10 @@ def run_sweep(target: Target, sweep: SweepSpec, label: str, budget: Budget, note
             f" in {s.duration_s:.1f} s, goodput {s.request_goodput_rps or 0:.2f} req/s, SLO met "
             f"{100 * (s.slo_attainment or 0):.0f}%, TTFT p90 {_p90(s.ttft)} ms, TPOT p90 "
             f"{_p90(s.tpot)} ms, {s.output_throughput_tps:.0f} out tok/s"
+            + "".join(
+                f"; {w} {d['step_ms']:.1f} ms x {d['rows']:.0f} rows, busy {100 * d['busy']:.0f}%"
+                for w, d in steps.items()
+            )  # fmt: skip
         )
         ttft_met = s.slo_attainment_by_slo.get("ttft_ms")
         if (

@@ -77,6 +77,11 @@ class Target(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most targets hold nothing
         """Release connections; called once after the last request."""
 
+    def worker_steps(self) -> dict[str, tuple[int, float, int]]:
+        """Per worker ("role:name"): engine steps so far, their wall seconds, their batch
+        rows; {} where the target cannot tell (differences over a run: `step_deltas`)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class FakeTargetConfig:
@@ -255,6 +260,13 @@ class GrpcTarget(Target):
         described["workers"] = sorted(f"{w.role}:{w.name}" for w in stats.workers)
         return described
 
+    def worker_steps(self) -> dict[str, tuple[int, float, int]]:
+        try:
+            stats = self.client.stats()
+        except grpc.RpcError:
+            return {}
+        return {f"{w.role}:{w.name}": (w.num_steps, w.step_s, w.step_rows) for w in stats.workers}
+
     def stream(
         self, request: BenchRequest, request_id: str, timeout_s: float
     ) -> Iterator[StreamChunk]:
@@ -300,3 +312,25 @@ def chunks_from_call(call: Any) -> Iterator[StreamChunk]:
         raise TargetError(exc.code().name, exc.details() or "") from None
     finally:
         call.cancel()
+
+
+def step_deltas(
+    before: dict[str, tuple[int, float, int]],
+    after: dict[str, tuple[int, float, int]],
+    duration_s: float,
+) -> dict[str, dict[str, float]]:
+    """What each worker's engine loop did between two `worker_steps` readings: steps, mean
+    step ms, mean batch rows, and the share of `duration_s` spent in steps (busy)."""
+    out: dict[str, dict[str, float]] = {}
+    for worker, (steps, step_s, rows) in sorted(after.items()):
+        steps0, step_s0, rows0 = before.get(worker, (0, 0.0, 0))
+        n = steps - steps0
+        if n <= 0:
+            continue
+        out[worker] = {
+            "steps": n,
+            "step_ms": round((step_s - step_s0) / n * 1e3, 2),
+            "rows": round((rows - rows0) / n, 1),
+            "busy": round((step_s - step_s0) / duration_s, 3) if duration_s > 0 else 0.0,
+        }
+    return out

@@ -133,6 +133,7 @@ class PrefillWorker:
         self._num_inbox = 0
         self._num_deferred = 0  # len(_deferred), readable from other threads
         self._num_done = 0
+        self._steps = (0, 0.0, 0)  # engine steps, their wall seconds, their batch rows
         self._stats_lock = threading.Lock()  # guards the numbers load() reads
         self._load_snapshot: WorkerLoad | None = None
         self._stop = threading.Event()
@@ -403,6 +404,12 @@ class PrefillWorker:
         outputs = self.engine.step(on_layer_done=self._on_layer_done)
         end_s = time.monotonic()
         end_perf = time.perf_counter()
+        steps, step_s, rows = self._steps
+        self._steps = (
+            steps + 1,
+            step_s + end_s - start_s,
+            rows + len(self.engine.current_batch.seqs),
+        )
         self._publish_load()  # the transfers completed below may take a while
         for seq in self.engine.current_batch.seqs:
             t = self._tasks.get(seq.request_id)
@@ -492,4 +499,7 @@ class PrefillWorker:
                 prefix_hit_tokens=stats.hit_tokens,
                 prefix_queried_tokens=stats.queried_tokens,
                 num_requests_done=self._num_done,
+                num_steps=self._steps[0],
+                step_s=self._steps[1],
+                step_rows=self._steps[2],
             )

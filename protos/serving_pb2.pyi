@@ -149,7 +149,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("name", "role", "node_id", "queue_depth", "num_running", "num_free_blocks", "num_total_blocks", "num_cached_blocks", "prefix_hit_rate", "prefix_hit_tokens", "prefix_queried_tokens", "num_requests_done", "healthy", "kv_address")
+    __slots__ = ("name", "role", "node_id", "queue_depth", "num_running", "num_free_blocks", "num_total_blocks", "num_cached_blocks", "prefix_hit_rate", "prefix_hit_tokens", "prefix_queried_tokens", "num_requests_done", "healthy", "kv_address", "num_steps", "step_s", "step_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,9 @@ class WorkerStats(_message.Message):
     NUM_REQUESTS_DONE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     KV_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     node_id: str
@@ -178,7 +181,10 @@ class WorkerStats(_message.Message):
     num_requests_done: int
     healthy: bool
     kv_address: str
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_queried_tokens: _Optional[int] = ..., num_requests_done: _Optional[int] = ..., healthy: _Optional[bool] = ..., kv_address: _Optional[str] = ...) -> None: ...
+    num_steps: int
+    step_s: float
+    step_rows: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., node_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., num_running: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_cached_blocks: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_queried_tokens: _Optional[int] = ..., num_requests_done: _Optional[int] = ..., healthy: _Optional[bool] = ..., kv_address: _Optional[str] = ..., num_steps: _Optional[int] = ..., step_s: _Optional[float] = ..., step_rows: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("mode", "policy", "requests_total", "requests_failed", "requests_in_flight", "workers", "attempts_retried")

@@ -549,5 +549,8 @@ class Router:
                 num_requests_done=load.num_requests_done,
                 healthy=slot.healthy,
                 kv_address=load.kv_address,
+                num_steps=load.num_steps,
+                step_s=load.step_s,
+                step_rows=load.step_rows,
             )
         return resp

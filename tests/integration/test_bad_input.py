@@ -516,6 +516,9 @@ def test_after_random_requests_nothing_leaked(cluster: Cluster, client: BatonCli
     stats = client.stats()
     assert stats.requests_in_flight == 0
     assert all(w.healthy for w in stats.workers)
+    # Every worker stepped its engine, each step over at least one sequence.
+    assert all(w.num_steps > 0 and w.step_rows >= w.num_steps > 0 and w.step_s > 0
+               for w in stats.workers), stats.workers  # fmt: skip
     assert sum(TALLY.crashes.values()) == 0, TALLY.crashes
 
 

@@ -100,6 +100,10 @@ def test_full_decode_pool_defers_the_second_request(
     # b waited for a's blocks: its queue time covers a's whole decode.
     assert results["b"].queue_s > results["a"].queue_s
     wait_until(lambda: all_free(prefill, decode))
+    # The step counters: two prefills apart; decode stepped each token after the first.
+    p, d = prefill.load(), decode.load()
+    assert p.num_steps == 2 and p.step_rows == 2 and p.step_s > 0
+    assert d.num_steps >= 19 and 2 * 19 >= d.step_rows >= 19 and d.step_s > 0
 
 
 def test_abort_before_the_commit_undoes_it(pair: tuple[PrefillWorker, DecodeWorker]) -> None:

@@ -19,6 +19,7 @@ from loadtest.comparison import (
 from loadtest.metrics import SLO, RequestRecord
 from loadtest.results import ResultFile, RunResult, build_result
 from loadtest.runner import RunRecords
+from loadtest.targets import step_deltas
 
 SLO_ = SLO(ttft_ms=1000.0, tpot_ms=25.0)
 OUTPUT_TOKENS = 11  # TPOT = (e2e - ttft) / 10
@@ -172,3 +173,13 @@ def test_ttft_ratio_uses_the_lowest_common_rate_and_the_median() -> None:
     assert ratio is not None and ratio.value == pytest.approx(4.0)  # 80 / 20 at 16 req/s
     assert ratio.basis == "TTFT p50 at 16 req/s: off 80.0 ms vs on 20.0 ms"
     assert ttft_ratio_at_lowest_rate(on, ResultFile("x", [sweep_run(2, [GOOD])])) is None
+
+
+def test_step_deltas_are_per_worker_means_over_the_run() -> None:
+    before = {"decode:d0": (100, 1.0, 3000), "prefill:p0": (5, 0.5, 10)}
+    after = {"decode:d0": (300, 3.5, 9000), "prefill:p0": (5, 0.5, 10), "decode:d1": (4, 0.2, 8)}
+    deltas = step_deltas(before, after, duration_s=5.0)
+    assert deltas == {
+        "decode:d0": {"steps": 200, "step_ms": 12.5, "rows": 30.0, "busy": 0.5},
+        "decode:d1": {"steps": 4, "step_ms": 50.0, "rows": 2.0, "busy": 0.04},
+    }  # p0 did not step: left out; d1 appeared during the run: counted from zero
