@@ -183,6 +183,13 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                 writer.close()  # every chunk handed over is written (or dropped after a failure)
         if writer is not None and writer.failure is not None:
             context.abort(*writer.failure)
+        if not context.is_active():
+            # The peer went away: gRPC can end the request iterator as if the stream had
+            # finished. Free the blocks now rather than when the lease expires.
+            if stream.lease is not None:
+                with stream.lease.lock:
+                    self.fail_lease(stream.lease, "chunk stream broke off (peer gone)")
+            context.abort(grpc.StatusCode.CANCELLED, "chunk stream broke off")
         stream.ended_ok = True
         self.counters.add("bytes_received", stream.num_bytes)
         return pb.StreamSummary(num_chunks=stream.num_chunks, num_bytes=stream.num_bytes)
