@@ -201,14 +201,17 @@ def _status(args: argparse.Namespace) -> int:
         f"{'serving' if health.serving else 'NOT serving'}"
     )
     print(
-        f"{'worker':<12} {'role':<10} {'ok':<3} {'queue':>5} {'run':>4} {'KV used':>14} {'cached':>7} {'prefix hit':>10}"
+        f"{'worker':<12} {'role':<10} {'ok':<3} {'queue':>5} {'run':>4} {'KV used':>14} "
+        f"{'cached':>7} {'prefix hit':>10} {'steps':>9} {'ms/step':>8} {'rows/step':>9}"
     )
     for w in stats.workers:
         used = w.num_total_blocks - w.num_free_blocks
+        steps = max(w.num_steps, 1)  # means since the worker started
         print(
             f"{w.name:<12} {w.role:<10} {'y' if healthy.get(w.name) else 'n':<3} "
             f"{w.queue_depth:>5} {w.num_running:>4} {used:>6}/{w.num_total_blocks:<7} "
-            f"{w.num_cached_blocks:>7} {w.prefix_hit_rate:>10.1%}"
+            f"{w.num_cached_blocks:>7} {w.prefix_hit_rate:>10.1%} {w.num_steps:>9} "
+            f"{1e3 * w.step_s / steps:>8.2f} {w.step_rows / steps:>9.1f}"
         )
     return 0
 
@@ -272,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--timings", action="store_true", help="print usage and phase timings")
     gen.set_defaults(func=_generate)
 
-    status = sub.add_parser("status", help="workers, load, KV usage, prefix hit rate")
+    status = sub.add_parser(
+        "status", help="workers, load, KV usage, prefix hit rate, engine step means"
+    )
     status.add_argument("--address", required=True, help="the router, HOST:PORT")
     status.add_argument("--api-key", default=None)
     status.set_defaults(func=_status)

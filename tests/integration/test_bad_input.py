@@ -519,6 +519,22 @@ def test_after_random_requests_nothing_leaked(cluster: Cluster, client: BatonCli
     # Every worker stepped its engine, each step over at least one sequence.
     assert all(w.num_steps > 0 and w.step_rows >= w.num_steps > 0 and w.step_s > 0
                for w in stats.workers), stats.workers  # fmt: skip
+
+
+def test_baton_status_prints_every_worker_with_its_step_means(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from baton.cli import main
+
+    assert main(["status", "--address", cluster.address]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(("disaggregated", "colocated")) and "serving" in lines[0]
+    assert lines[1].split()[-3:] == ["steps", "ms/step", "rows/step"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert len(rows) == len(cluster.actors)
+    for fields in rows.values():
+        steps, ms, per_step = int(fields[-3]), float(fields[-2]), float(fields[-1])
+        assert steps > 0 and ms > 0 and per_step >= 1.0, fields
     assert sum(TALLY.crashes.values()) == 0, TALLY.crashes
 
 
