@@ -39,8 +39,9 @@ Rates (requests/s, Poisson), from the same measurements. Interference: 1P1D's pr
 serves about 18 req/s of 2048-token prompts (52 ms each) and its decode GPU up to 128
 streams of 256 tokens (about 3 s each: some 40 req/s), while each colocated replica spends
 52 ms of decode time per prompt it takes (42% of its GPU at 8 req/s each); the sweep runs
-4, 8, 12, 16: from light load up to both configurations' limits, since a sweep that stops
-below them makes the best goodputs equal by construction. Decode-heavy: 512-token answers
+8 to 28 in steps of 4: measured on 2 x H200 (docs/benchmarks.md), 1P1D's TTFT fails from
+20 req/s and the colocated pair's from 24, and a sweep that stops below both limits makes
+the best goodputs equal by construction. Decode-heavy: 512-token answers
 last about 7 s (steps of about 13 ms), so 1P1D's one decode GPU holds about 18 req/s at 128
 streams against the colocated pair's 36: 6, 12, 24 (disaggregation is expected to lose at
 24; it is reported as measured). Prefix cache: 16 (below the uncached prefill limit of
@@ -138,7 +139,7 @@ def gpu_comparisons() -> dict[str, Comparison]:
             name="interference",
             kind=Kind.PAIR,
             workload=prefill_heavy,
-            rates_rps=(4, 8, 12, 16),
+            rates_rps=(8, 12, 16, 20, 24, 28),
             configs=(p1d1, colocated),
             num_gpus=2,
             tail_s=6.0,  # 256 decode steps of up to ~20 ms

@@ -88,7 +88,7 @@ def test_plan_starts_each_configuration_once_with_every_sweep_that_uses_it(
     ]
     sweep = planned[1].sweeps[0]
     assert sweep.out_path == tmp_path / "interference" / "results-colocated-2.json"
-    assert (sweep.seed, sweep.rates_rps, sweep.slo) == (3, (4, 8, 12, 16), LOOSE)
+    assert (sweep.seed, sweep.rates_rps, sweep.slo) == (3, (8, 12, 16, 20, 24, 28), LOOSE)
     nocache = (tmp_path / "configs" / "disagg-1p1d-nocache.yaml").read_text()
     assert "enable_prefix_caching: false" in nocache
 
