@@ -8,7 +8,9 @@ with memmove on CPU pools, through the same pointer arithmetic as on the GPU
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from unittest import mock
 
 import pytest
 import torch
@@ -211,3 +213,21 @@ def test_copy_mode_from_env(monkeypatch):  # noqa: ANN001
     monkeypatch.setenv(COPY_MODE_ENV, "dma")
     with pytest.raises(ValueError, match="'kernel' or 'memcpy'"):
         copy_mode_from_env()
+
+
+def test_session_buffers_are_reused_and_oversized_ones_are_not_pooled():
+    from kv_transfer.cuda_ipc import _SessionBuffers
+
+    buffers = _SessionBuffers(torch.device("cpu"), num_layers=4)
+    upload = contextlib.nullcontext()  # torch.cuda.stream(s) is only entered, never used
+    with mock.patch.object(torch.cuda, "stream", lambda s: upload):
+        first = buffers.take(10, upload_stream=None)
+        assert first.numel() == 2 * 10 + 2 * 4 and first.dtype == torch.int32
+        buffers.give_back(first)
+        again = buffers.take(3, upload_stream=None)  # the same memory, a shorter view
+        assert again.numel() == 2 * 3 + 2 * 4 and again.data_ptr() == first.data_ptr()
+        big = buffers.take(_SessionBuffers.MAX_BLOCKS + 1, upload_stream=None)
+        assert big.numel() == 2 * (_SessionBuffers.MAX_BLOCKS + 1) + 2 * 4
+        buffers.give_back(big)  # its own allocation: not kept
+        buffers.give_back(again)
+        assert [b.data_ptr() for b in buffers._free] == [first.data_ptr()]
