@@ -137,7 +137,7 @@ class Engine:
         # While a step's batch computes (see `step`'s lock): its request ids, and aborts of
         # them that wait for the step's end.
         self._in_flight: frozenset[str] = frozenset()
-        self._aborts_after_step: list[str] = []
+        self._aborts_after_step: set[str] = set()
         log.info(
             "engine ready: %s, %s on %s, KV capacity %d tokens",
             config.model.architecture,
@@ -284,8 +284,7 @@ class Engine:
         A request of the batch that a step is computing (another thread, the step's lock
         released) is stopped when that step ends: its blocks are being written."""
         if request_id in self._in_flight:
-            if request_id not in self._aborts_after_step:
-                self._aborts_after_step.append(request_id)
+            self._aborts_after_step.add(request_id)
             return True
         req = self._requests.pop(request_id, None)
         if req is not None:
@@ -354,7 +353,7 @@ class Engine:
                 )
         finally:
             self._in_flight = frozenset()
-            aborted, self._aborts_after_step = self._aborts_after_step, []
+            aborted, self._aborts_after_step = self._aborts_after_step, set()
         self.scheduler.advance(batch)
         outputs = []
         for seq, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True):

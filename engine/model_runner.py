@@ -21,7 +21,9 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import EngineConfig
 from engine.kv_pool import KVPool
 from engine.model import LlamaForCausalLM
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -170,34 +172,21 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     def _warm_batch(self, query: int, rows: int, width: int) -> None:
-        """One eager forward: a prefill of `query` tokens (none if 0), then `rows` decode rows
-        at a context of width * block_size - 1 tokens, every token in the scratch block."""
-        bs, dev = self.pool.block_size, self.device
-        context = width * bs - 1
-        query_lens = ([query] if query else []) + [1] * rows
-        seq_lens = ([query] if query else []) + [context] * rows
-        positions = list(range(query)) + [context - 1] * rows
-        qsl = [0]
-        for n in query_lens:
-            qsl.append(qsl[-1] + n)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(
-                [self.scratch_block * bs + p % bs for p in positions], dtype=torch.long, device=dev
-            ),  # fmt: skip
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.full(
-                (len(query_lens), width), self.scratch_block, dtype=torch.int32, device=dev
-            ),
-            num_prefill_seqs=1 if query else 0,
-            num_prefill_tokens=query,
-            max_query_len=max(query_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        ids = torch.zeros(len(positions), dtype=torch.long, device=dev)
-        hidden = self.model(ids, torch.tensor(positions, device=dev), self.backend, meta)
-        self.model.compute_logits(hidden[torch.tensor(qsl[1:], device=dev) - 1])
+        """One eager `run`: a prefill of `query` tokens (none if 0), then `rows` decode rows
+        at a context of width * block_size - 1 tokens, every block the scratch block (run
+        before the graphs are captured, so a decode-only batch is eager too)."""
+        context = width * self.pool.block_size - 1
+        table = [self.scratch_block] * width
+        params = SamplingParams(max_tokens=1)
+        batch = ScheduledBatch(num_prefill_seqs=1 if query else 0)
+        if query:
+            batch.seqs.append(Sequence("warm-up", [0] * query, params, block_table=table))
+            batch.num_new_tokens.append(query)
+        for i in range(rows):
+            batch.seqs.append(Sequence(f"warm-up-{i}", [0] * context, params,
+                                       num_computed_tokens=context - 1, block_table=table))  # fmt: skip
+            batch.num_new_tokens.append(1)
+        self.run(batch)
 
     # ---- CUDA graphs ---------------------------------------------------------------------
 

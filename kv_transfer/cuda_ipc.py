@@ -15,9 +15,10 @@ Per request, after Reserve (which names the decode block ids), each `send_layer`
 
 so layer i moves while layer i+1 computes, and the decode GPU runs nothing for it. The
 block ids (local and decode, checked against both pools on the host, with numpy) go to the
-GPU once per distinct block list of a session, one copy per row on a stream of their own, and are reused by every layer that sends the same blocks: a send_layer is an
-event record, a wait and one (direct) launch, ~20 us of host time however fragmented either
-block table is. Opening a session takes a device buffer from the transport's ring (no
+GPU once per distinct block list of a session, one copy per row on a stream of their own,
+and are reused by every layer that sends the same blocks: a send_layer is an event record,
+a wait and one (direct) launch, ~20 us of host time however fragmented either block table
+is. Opening a session takes a device buffer from the transport's ring (no
 allocation) and zeroes its digests: nothing else happens before the first send, since a
 whole request's fixed host cost is most of what separates a 1k-token copy (~0.35 ms) from
 the bare copy. `finish` queues the digests' copy to host behind the last launch, polls one
@@ -249,32 +250,29 @@ class _Uploads:
 
 class _SessionBuffers:
     """Device buffers for sessions, reused: a session takes one at open and gives it back
-    when `finish` or `abort` returns (every launch that used it has completed then). One
-    allocated at open would cost ~20 us of host time (the allocation belongs to the upload
-    stream, and entering a stream context is slow in Python); a session over more than
-    MAX_BLOCKS blocks, or opened while all are taken, still allocates its own."""
+    when `finish` or `abort` returns (every launch that used it has completed then), so
+    there are as many as sessions were ever open at once (32 KB each). One allocated at
+    open would cost ~20 us of host time (the allocation belongs to the upload stream, and
+    entering a stream context is slow in Python); a session over more than MAX_BLOCKS
+    blocks allocates its own, which is not kept."""
 
     MAX_BLOCKS = 4096  # table length a buffer fits: 64k tokens at 16 per block
-    COUNT = 16
 
     def __init__(self, device: torch.device, num_layers: int) -> None:
         self._device = device
         self._num_layers = num_layers
         self._words = 2 * self.MAX_BLOCKS + 2 * num_layers
         self._free: list[torch.Tensor] = []
-        self._made = 0
         self._lock = threading.Lock()
 
     def take(self, num_blocks: int, upload_stream: torch.cuda.Stream) -> torch.Tensor:
         """int32 [2 * num_blocks + 2 * num_layers] on the device, contents undefined."""
-        need = size = 2 * num_blocks + 2 * self._num_layers
-        if num_blocks <= self.MAX_BLOCKS:
+        need = 2 * num_blocks + 2 * self._num_layers
+        size = self._words if num_blocks <= self.MAX_BLOCKS else need
+        if size == self._words:
             with self._lock:
                 if self._free:
                     return self._free.pop()[:need]
-                if self._made < self.COUNT:
-                    self._made += 1
-                    size = self._words
         with torch.cuda.stream(upload_stream):
             return torch.empty(size, dtype=torch.int32, device=self._device)[:need]
 
@@ -293,9 +291,9 @@ class _IpcSession(TransferSession):
 
     Open zeroes the digests (a memset on the send stream). Each new block list uploads its
     columns [first, first + k) of both rows (`_Uploads`), which the send stream waits for by
-    event. Column i only ever holds table index i's blocks (checked),
-    so a rewrite never changes a value that a queued kernel reads; kernels read
-    ids[:, first:first + k] in place. The buffer goes back to the transport once `finish`
+    event. Column i only ever holds table index i's blocks (checked), so a rewrite never
+    changes a value that a queued kernel reads; kernels read ids[:, first:first + k] in
+    place. The buffer goes back to the transport once `finish`
     or `abort` has seen every launch complete (a session that ends otherwise keeps it).
     """
 

@@ -241,9 +241,12 @@ class LayerStreamer:
             self._num_committing += 1
 
         def committed(future: grpc.Future) -> None:
-            error = future.exception()
-            detail = "" if error is None else f"{error.code().name}: {error.details()}"
-            if error is not None:
+            if future.cancelled():  # exception() would raise: the outcome must still come
+                detail = "CANCELLED: Commit cancelled"
+            else:
+                error = future.exception()
+                detail = "" if error is None else f"{error.code().name}: {error.details()}"
+            if detail:
                 self._aborter.submit(self._abort_remote, s.reservation, detail)
             with self._lock:
                 self._num_committing -= 1

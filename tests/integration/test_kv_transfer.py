@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -654,3 +655,26 @@ def test_tls_round_trip(tmp_path: Path, prefill: Engine):
         assert d.engine.num_free_blocks == d.free_at_start
     finally:
         d.server.stop()
+
+
+def test_a_cancelled_commit_still_ends_the_transfer(decode: Decode, prefill: Engine):
+    """A Commit whose call is cancelled (its channel closed under it) still yields an
+    outcome (FAILED), aborts the reservation, and leaves no block held on either side."""
+    with decode.client() as client:
+        streamer = LayerStreamer(prefill, client, GrpcTransport(client, prefill.pool))
+
+        def cancelled_commit(*args: object) -> Future:
+            future: Future = Future()
+            future.cancel()
+            return future
+
+        client.commit_future = cancelled_commit  # type: ignore[method-assign]
+        streamer.add_request("c", PROMPT, GREEDY)
+        outcomes = []
+        while streamer.num_in_flight:
+            outcomes += streamer.step()
+        (outcome,) = outcomes
+        assert outcome.status is TransferStatus.FAILED and "CANCELLED" in outcome.detail
+        streamer.close()  # waits for the abort sent on the streamer's own thread
+    assert prefill.num_free_blocks == 64
+    assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
