@@ -22,6 +22,7 @@ why it is missing instead of a figure.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loadtest.metrics import Distribution
@@ -64,24 +65,24 @@ def run_at(results: ResultFile, rate_rps: float) -> RunResult | None:
     return next((r for r in swept_runs(results) if r.rate_rps == rate_rps), None)
 
 
-def best_goodput(results: ResultFile) -> AtRate | None:
-    """The highest goodput over the sweep (the lowest rate on ties); None without SLOs."""
+def _best(results: ResultFile, value_of: Callable[[RunResult], float | None]) -> AtRate | None:
+    """The highest value over the sweep (the lowest rate on ties); None if no run has one."""
     best: AtRate | None = None
     for run in swept_runs(results):
-        goodput = run.summary.request_goodput_rps
-        if goodput is not None and (best is None or goodput > best.value):
-            best = AtRate(goodput, run.rate_rps)  # type: ignore[arg-type]
+        value = value_of(run)
+        if value is not None and (best is None or value > best.value):
+            best = AtRate(value, run.rate_rps)  # type: ignore[arg-type]
     return best
+
+
+def best_goodput(results: ResultFile) -> AtRate | None:
+    """The highest goodput over the sweep (the lowest rate on ties); None without SLOs."""
+    return _best(results, lambda run: run.summary.request_goodput_rps)
 
 
 def best_output_throughput(results: ResultFile) -> AtRate | None:
     """The highest output-token throughput over the sweep (the lowest rate on ties)."""
-    best: AtRate | None = None
-    for run in swept_runs(results):
-        tps = run.summary.output_throughput_tps
-        if best is None or tps > best.value:
-            best = AtRate(tps, run.rate_rps)  # type: ignore[arg-type]
-    return best
+    return _best(results, lambda run: run.summary.output_throughput_tps)
 
 
 def _percentile_ms(dist: Distribution | None, key: str) -> float | None:
@@ -106,28 +107,31 @@ def _ratio(numerator: float, denominator: float, basis: str) -> Ratio | None:
     return Ratio(numerator / denominator, numerator, denominator, basis)
 
 
-def goodput_ratio(subject: ResultFile, baseline: ResultFile) -> Ratio | None:
-    """Best goodput of `subject` / best goodput of `baseline`, each over its own sweep."""
-    s, b = best_goodput(subject), best_goodput(baseline)
+def _best_ratio(
+    subject: ResultFile,
+    baseline: ResultFile,
+    best: Callable[[ResultFile], AtRate | None],
+    unit: str,
+    digits: int,
+) -> Ratio | None:
+    s, b = best(subject), best(baseline)
     if s is None or b is None:
         return None
     basis = (
-        f"{subject.label} {s.value:.2f} req/s at {s.rate_rps:g} req/s vs "
-        f"{baseline.label} {b.value:.2f} req/s at {b.rate_rps:g} req/s"
+        f"{subject.label} {s.value:.{digits}f} {unit} at {s.rate_rps:g} req/s vs "
+        f"{baseline.label} {b.value:.{digits}f} {unit} at {b.rate_rps:g} req/s"
     )
     return _ratio(s.value, b.value, basis)
+
+
+def goodput_ratio(subject: ResultFile, baseline: ResultFile) -> Ratio | None:
+    """Best goodput of `subject` / best goodput of `baseline`, each over its own sweep."""
+    return _best_ratio(subject, baseline, best_goodput, "req/s", 2)
 
 
 def output_throughput_ratio(subject: ResultFile, baseline: ResultFile) -> Ratio | None:
     """Best output tokens/s of `subject` / best of `baseline`, each over its own sweep."""
-    s, b = best_output_throughput(subject), best_output_throughput(baseline)
-    if s is None or b is None:
-        return None
-    basis = (
-        f"{subject.label} {s.value:.0f} tok/s at {s.rate_rps:g} req/s vs "
-        f"{baseline.label} {b.value:.0f} tok/s at {b.rate_rps:g} req/s"
-    )
-    return _ratio(s.value, b.value, basis)
+    return _best_ratio(subject, baseline, best_output_throughput, "tok/s", 0)
 
 
 def tpot_p90_ratio(subject: ResultFile, baseline: ResultFile, ttft_slo_ms: float) -> Ratio | None:
