@@ -71,6 +71,21 @@ class TokenChunk:
     decode_queue_s: float = 0.0
     error: str = ""  # set when the stream ends without the request finishing (abort, deadline)
 
+    def then(self, later: TokenChunk) -> TokenChunk:
+        """This chunk and the request's next one as one chunk."""
+        return TokenChunk(
+            request_id=self.request_id,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            finished=later.finished,
+            finish_reason=later.finish_reason,
+            num_prompt_tokens=later.num_prompt_tokens,
+            num_cached_tokens=later.num_cached_tokens,
+            num_output_tokens=later.num_output_tokens,
+            decode_queue_s=self.decode_queue_s or later.decode_queue_s,
+            error=later.error,
+        )
+
 
 class PrefillStatus(enum.Enum):
     COMMITTED = "committed"  # the decode worker owns the KV and continues the request

@@ -2,7 +2,7 @@
 
 A disaggregated request, through the decode worker's queues in order:
 
-  stream opened     the router claims an output stream for the request id (streams.py),
+  stream watched    the router watches the request id on its subscription (streams.py),
                     usually before anything else happens, so no token can be missed
   reserved          the prefill worker's Reserve (a gRPC thread of the KV-transfer service)
                     takes blocks in the engine under a lease (kv_transfer/lease.py)
@@ -10,8 +10,9 @@ A disaggregated request, through the decode worker's queues in order:
   committed         Commit hands the blocks to the engine: the request joins the running
                     batch with its first token, which is queued as the first output
   running           the loop thread steps the engine (continuous batching); every output is
-                    published to the request's stream, and the stream's consumer (the actor)
-                    sends it to the router as coalesced `TokenChunk`s
+                    published to the request's stream, and the router's subscription (the
+                    actor) takes every stream's new tokens as coalesced `TokenChunk`s, one
+                    message per wake-up
   done              the final output ends the stream; blocks go back to the pool (full ones
                     stay in the prefix cache)
 
@@ -35,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from decode_worker.messages import TokenChunk, WorkerLoad, WorkerRole
+from decode_worker.messages import WorkerLoad, WorkerRole
 from decode_worker.streams import OutputStreams
 from engine.engine import Engine, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -182,7 +183,7 @@ class DecodeWorker:
                 if now - t > ABORT_MEMORY_S:
                     del self._aborted[rid]
         for rid in self.streams.drop_orphans():
-            log.warning("%s: nobody claimed the output of %s; aborting it", self.name, rid)
+            log.warning("%s: nobody watched the output of %s; aborting it", self.name, rid)
             self.abort(rid)
 
     # ---- requests ------------------------------------------------------------------------
@@ -251,7 +252,3 @@ class DecodeWorker:
         if self._kv is None:
             return 0
         return sum(1 for x in self._kv.servicer.leases.active() if x.state is LeaseState.ACTIVE)
-
-
-def empty_chunk(request_id: str, error: str) -> TokenChunk:
-    return TokenChunk(request_id, (), "", True, None, 0, 0, 0, error=error)

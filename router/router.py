@@ -58,6 +58,7 @@ from router.workers import (
     DecodeClient,
     PrefillClient,
     StreamEnded,
+    TokenStream,
     WorkerUnavailable,
 )
 
@@ -141,6 +142,7 @@ class _Flight:
     delivered: list[int] = field(default_factory=list)  # token ids sent to the client
     num_resumed: int = 0  # len(delivered) when the current attempt started
     num_attempts: int = 0
+    stream: TokenStream | None = None  # the current attempt's, once opened
 
     def new_attempt(self) -> None:
         self.num_attempts += 1
@@ -269,6 +271,8 @@ class Router:
         if restarted:  # a new process: its caches are empty
             log.warning("worker %s restarted %s", slot.client.name, load.kv_address)
             slot.prefix = PrefixIndex(self._prefix_capacity_blocks)
+            if isinstance(slot.client, DecodeClient):
+                slot.client.restarted()
         if load.kv_address and isinstance(slot.client, DecodeClient):
             slot.client.kv_address = load.kv_address
         if not slot.healthy:
@@ -364,6 +368,9 @@ class Router:
             except AttemptFailed as e:
                 failure = e
             finally:
+                if f.stream is not None:
+                    f.stream.close()
+                    f.stream = None
                 for slot in (d, p):
                     if slot is not None:
                         slot.in_flight -= 1
@@ -422,12 +429,12 @@ class Router:
             except WorkerUnavailable as e:
                 raise AttemptFailed(f"decode worker {dclient.name}: {e}", (d,)) from e
             f.committed = True
-            stream = dclient.open_stream(wid, f.remaining_s())
+            stream = f.stream = dclient.open_stream(wid, f.remaining_s())
         else:
             pclient: PrefillClient = p.client  # type: ignore[assignment]
             t.mode = "disaggregated"
             t.prefill_worker = pclient.name
-            stream = dclient.open_stream(wid, f.remaining_s())
+            stream = f.stream = dclient.open_stream(wid, f.remaining_s())
             task = PrefillTask(
                 wid, prompt, params, r.cache_salt, dclient.kv_address, f.remaining_s()
             )

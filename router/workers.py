@@ -9,6 +9,8 @@ that does not answer in time is a failed call, never a hung request.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import uuid
 from abc import ABC, abstractmethod
 
 import ray
@@ -30,6 +32,10 @@ class TokenStream(ABC):
     @abstractmethod
     async def next(self, timeout_s: float) -> TokenChunk:
         """The next chunk; raises TimeoutError, StreamEnded or WorkerUnavailable."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """The router stops reading before the final chunk (the worker side is aborted
+        separately); releases what the stream holds on the router."""
 
 
 class PrefillClient(ABC):
@@ -56,6 +62,9 @@ class DecodeClient(ABC):
     @abstractmethod
     def open_stream(self, request_id: str, timeout_s: float) -> TokenStream:
         """Start receiving the request's tokens (before or after they exist)."""
+
+    def restarted(self) -> None:  # noqa: B027 - optional
+        """The worker behind this client is a new process (its load report says so)."""
 
     @abstractmethod
     async def submit_local(
@@ -87,18 +96,87 @@ async def _call(ref: ray.ObjectRef, timeout_s: float = CONTROL_TIMEOUT_S) -> obj
         raise WorkerUnavailable(str(e).splitlines()[0]) from e
 
 
-class RayTokenStream(TokenStream):
-    def __init__(self, gen: ray.ObjectRefGenerator) -> None:
-        self._gen = gen
+class _QueuedStream(TokenStream):
+    """One request's chunks, pushed by its decode worker's `_Subscription`."""
+
+    def __init__(self, subscription: _Subscription, request_id: str) -> None:
+        self._subscription = subscription
+        self.request_id = request_id
+        self.queue: asyncio.Queue[TokenChunk | Exception] = asyncio.Queue()
+        self._error: Exception | None = None
 
     async def next(self, timeout_s: float) -> TokenChunk:
+        if self._error is not None:
+            raise self._error
+        item = await asyncio.wait_for(self.queue.get(), timeout_s)
+        # Whatever else has arrived goes out with it: one message to the client, not several.
+        while isinstance(item, TokenChunk) and not item.finished and not self.queue.empty():
+            more = self.queue.get_nowait()
+            if isinstance(more, Exception):
+                self._error = more
+                break
+            item = item.then(more)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._subscription.forget(self)
+
+
+class _Subscription:
+    """The router's token stream from one decode worker: one Ray streaming generator whose
+    items are lists of chunks (one per request that advanced), dispatched here to the
+    requests' queues. Requests join it with a `watch` call, batched per event-loop turn.
+    When the generator fails (the worker died) every open request gets the error."""
+
+    _ids = itertools.count()
+
+    def __init__(self, actor: ray.actor.ActorHandle, worker_name: str) -> None:
+        self._actor = actor
+        self.name = f"router-{uuid.uuid4().hex[:8]}-{worker_name}-{next(self._ids)}"
+        self._streams: dict[str, _QueuedStream] = {}
+        self._to_watch: list[tuple[str, float]] = []
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+        self.ended = False
+
+    def open(self, request_id: str, timeout_s: float) -> _QueuedStream:
+        stream = self._streams[request_id] = _QueuedStream(self, request_id)
+        if not self._to_watch:
+            asyncio.get_running_loop().call_soon(self._send_watches)
+        self._to_watch.append((request_id, timeout_s))
+        return stream
+
+    def forget(self, stream: _QueuedStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+
+    def _send_watches(self) -> None:
+        batch, self._to_watch = self._to_watch, []
+        if batch and not self.ended:  # (fire and forget: a dead worker fails the pump)
+            self._actor.watch.remote(self.name, batch)
+
+    async def _pump(self) -> None:
+        error: Exception = StreamEnded("the decode worker ended the token stream")
         try:
-            ref = await asyncio.wait_for(self._gen.__anext__(), timeout_s)
-        except StopAsyncIteration:
-            raise StreamEnded("the decode worker ended the stream early") from None
+            async for ref in self._actor.subscribe.remote(self.name):
+                for chunk in await ref:
+                    stream = self._streams.get(chunk.request_id)
+                    if stream is None:
+                        continue
+                    stream.queue.put_nowait(chunk)
+                    if chunk.finished:
+                        del self._streams[chunk.request_id]
         except RayError as e:
-            raise WorkerUnavailable(str(e).splitlines()[0]) from e
-        return await _call(ref, timeout_s)
+            error = WorkerUnavailable(str(e).splitlines()[0])
+        except asyncio.CancelledError:
+            error = StreamEnded("the router closed the token stream")
+            raise
+        finally:
+            self.ended = True
+            streams, self._streams = self._streams, {}
+            for stream in streams.values():
+                stream.queue.put_nowait(error)
 
 
 class RayPrefillClient(PrefillClient):
@@ -124,9 +202,17 @@ class RayDecodeClient(DecodeClient):
         self.name = name
         self.actor = actor
         self.kv_address = kv_address
+        self._subscription: _Subscription | None = None  # opened by the first stream
 
     def open_stream(self, request_id: str, timeout_s: float) -> TokenStream:
-        return RayTokenStream(self.actor.stream.remote(request_id, timeout_s))
+        if self._subscription is None or self._subscription.ended:
+            self._subscription = _Subscription(self.actor, self.name)
+        return self._subscription.open(request_id, timeout_s)
+
+    def restarted(self) -> None:
+        # The old subscription ends when Ray reports its generator's actor dead; new
+        # requests must not be watched on it meanwhile (the new process never serves it).
+        self._subscription = None
 
     async def submit_local(
         self, request_id: str, prompt: tuple[int, ...], params: SamplingParams, cache_salt: str

@@ -52,15 +52,16 @@ def pair() -> Iterator[tuple[PrefillWorker, DecodeWorker]]:
 
 def collect(decode: DecodeWorker, rid: str, timeout_s: float = 30.0) -> list[TokenChunk]:
     chunks: list[TokenChunk] = []
-    decode.streams.claim(rid, lambda: None)
+    decode.streams.attach(rid, lambda: None)  # a subscription of its own
+    decode.streams.watch(rid, rid, timeout_s)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        chunk = decode.streams.take(rid)
-        if chunk is None:
+        taken = decode.streams.take_ready(rid)
+        if not taken:
             time.sleep(0.005)
             continue
-        chunks.append(chunk)
-        if chunk.finished:
+        chunks += taken
+        if taken[-1].finished:
             return chunks
     raise AssertionError(f"{rid} did not finish")
 
@@ -144,15 +145,12 @@ def test_decode_abort_mid_stream_frees_blocks(pair: tuple[PrefillWorker, DecodeW
     params = SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True)  # 79 of 80 slots
     res = prefill.submit(PrefillTask("m", tuple(range(1, 10)), params, "", decode.kv_address, 30.0))
     assert res.result(30).status is PrefillStatus.COMMITTED
-    decode.streams.claim("m", lambda: None)
+    decode.streams.attach("router", lambda: None)
+    decode.streams.watch("router", "m", 30.0)
     wait_until(lambda: decode.load().num_running == 1)
     assert decode.abort("m", "aborted") is True
     wait_until(lambda: all_free(prefill, decode))
-    chunks = []
-    while (c := decode.streams.take("m")) is not None:
-        chunks.append(c)
-        if c.finished:
-            break
+    chunks = decode.streams.take_ready("router")
     assert chunks[-1].finished and chunks[-1].error == "aborted"
 
 
