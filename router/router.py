@@ -226,6 +226,8 @@ class Router:
             await asyncio.sleep(0.01)
         if self._background:
             await asyncio.wait(self._background, timeout=ABORT_TIMEOUT_S)
+        for slot in self.decode:
+            await slot.client.close()  # type: ignore[union-attr]
 
     @property
     def num_in_flight(self) -> int:

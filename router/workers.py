@@ -9,6 +9,7 @@ that does not answer in time is a failed call, never a hung request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 from abc import ABC, abstractmethod
@@ -65,6 +66,9 @@ class DecodeClient(ABC):
 
     def restarted(self) -> None:  # noqa: B027 - optional
         """The worker behind this client is a new process (its load report says so)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        """The router stops: end what the client runs in the background."""
 
     @abstractmethod
     async def submit_local(
@@ -147,6 +151,11 @@ class _Subscription:
         self._to_watch.append((request_id, timeout_s))
         return stream
 
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
     def forget(self, stream: _QueuedStream) -> None:
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
@@ -208,6 +217,11 @@ class RayDecodeClient(DecodeClient):
         if self._subscription is None or self._subscription.ended:
             self._subscription = _Subscription(self.actor, self.name)
         return self._subscription.open(request_id, timeout_s)
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+            self._subscription = None
 
     def restarted(self) -> None:
         # The old subscription ends when Ray reports its generator's actor dead; new

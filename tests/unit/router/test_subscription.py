@@ -119,3 +119,15 @@ async def test_next_times_out_without_losing_later_chunks() -> None:
     await actor.items.put([chunk("a", (4,), finished=True)])
     assert (await a.next(1.0)).token_ids == (4,)
     await actor.items.put(None)
+
+
+@sync
+async def test_close_ends_the_pump_and_its_open_requests() -> None:
+    actor = FakeActor()
+    sub = _Subscription(actor, "d0")
+    a = sub.open("a", 10.0)
+    await asyncio.sleep(0)
+    await sub.close()
+    assert sub.ended
+    with pytest.raises(StreamEnded):
+        await a.next(1.0)
