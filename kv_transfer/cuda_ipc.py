@@ -13,15 +13,20 @@ Per request, after Reserve (which names the decode block ids), each `send_layer`
                                                the decode pool and summed into the
                                                session's per-layer digests
 
-so layer i moves while layer i+1 computes, and the decode GPU runs nothing for it. The
-block ids (local and decode, checked against both pools on the host, with numpy) go to the
-GPU once per distinct block list of a session, one copy per row on a stream of their own,
-and are reused by every layer that sends the same blocks: a send_layer is an event record,
-a wait and one (direct) launch, ~20 us of host time however fragmented either block table
-is. Opening a session takes a device buffer from the transport's ring (no
-allocation) and zeroes its digests: nothing else happens before the first send, since a
-whole request's fixed host cost is most of what separates a 1k-token copy (~0.35 ms) from
-the bare copy. `finish` queues the digests' copy to host behind the last launch, polls one
+so layer i moves while layer i+1 computes, and the decode GPU runs nothing for it.
+
+What a request costs on the host, and why it is laid out so: a 1k-token request's bytes
+move in ~0.35 ms, so every fixed microsecond of host work between `open` and the launch
+(and after the kernel, until `finish` returns) shows in the whole-request figure. Each
+session has a slot (`_Slot`: a device buffer, its pinned host twin, two raw CUDA events),
+taken from the transport's pool, and everything goes on the one send stream in order:
+`open` stages the decode ids (Reserve named them) and zeroed digests and queues ONE copy
+up; each new block list stages and checks its local ids (numpy) and queues ONE copy of its
+columns up, reused by every layer that sends the same blocks; a send is then an event
+record on the caller's stream, a wait and one direct launch with cached arguments
+(`ipc_kernels.DirectLaunch`: pointers as plain ints). CUDA calls go through ctypes on raw
+handles (cuda_runtime.py), not torch's Stream/Event objects. `finish` queues the digests'
+copy down into the slot's pinned twin and one event behind the last launch, polls that one
 event, and only then does Commit go out. `abort` waits for the launches already queued, so
 no side frees blocks a kernel touches.
 
@@ -44,7 +49,7 @@ import enum
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -100,7 +105,7 @@ class CudaIpcTransport(KVTransport):
         copy_mode: CopyMode = CopyMode.KERNEL,
     ) -> None:
         """remote: the decode pool as mapped here; `close` unmaps it."""
-        from kv_transfer.ipc_kernels import DeviceWords  # needs triton: GPU only
+        from kv_transfer.ipc_kernels import DeviceWords, DirectLaunch  # needs triton: GPU only
 
         assert remote.dtype == pool.dtype and pool.cache.is_contiguous()
         assert remote.shape[:2] == pool.cache.shape[:2] and remote.shape[3:] == pool.cache.shape[3:]
@@ -110,18 +115,28 @@ class CudaIpcTransport(KVTransport):
         self.runtime = runtime
         self.copy_mode = copy_mode
         self.local_device = pool.cache.device
+        self.device_index = self.local_device.index
         self.half_block_bytes = pool.layer_block_bytes // 2
         self.local_words = pool.cache.view(torch.int16)  # the kernel's view of both pools
         self.remote_words = DeviceWords(remote.address)
-        self.max_pitch = runtime.max_pitch(self.local_device.index)
-        self.stream = torch.cuda.Stream(self.local_device, priority=-1)  # sends and digests
-        self.upload_stream = torch.cuda.Stream(self.local_device)  # block ids; never waits
-        self.uploads = _Uploads(runtime, self.upload_stream, num_slots=64, pinned=True)
-        self.buffers = _SessionBuffers(self.local_device, pool.num_layers)
-        self.ready = torch.cuda.Event()  # re-recorded by every send (a wait takes its state)
-        pinned = self.local_device.type == "cuda"
-        self.digests_host = torch.empty(pool.num_layers, dtype=torch.int64, pin_memory=pinned)
-        self.finish_lock = threading.Lock()  # one finish at a time uses digests_host
+        self.max_pitch = runtime.max_pitch(self.device_index)
+        self.stream = torch.cuda.Stream(self.local_device, priority=-1)  # ids, sends, digests
+        self.stream_raw = self.stream.cuda_stream
+        # The caller's current stream, as a raw handle: torch.cuda.current_stream builds a
+        # Stream object per call (~5 us); inductor's accessor returns the int.
+        get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self.current_raw_stream: Callable[[int], int] = get_raw or (
+            lambda index: torch.cuda.current_stream(index).cuda_stream
+        )
+        half_words = self.half_block_bytes // 2
+        num_local, num_remote = pool.num_blocks, remote.num_blocks
+        self.copy_launch = DirectLaunch(self.local_words, self.remote_words, num_local,
+                                        num_remote, half_words, True, self.device_index,
+                                        self.stream_raw)  # fmt: skip
+        self.digest_launch = DirectLaunch(self.local_words, None, num_local, num_local,
+                                          half_words, True, self.device_index, self.stream_raw)  # fmt: skip
+        with torch.cuda.device(self.local_device):  # the slots' events belong to this device
+            self.slots = _SlotPool(runtime, self.local_device, pool.num_layers, num_ready=4)
         self._closed = False
 
     @classmethod
@@ -161,156 +176,143 @@ class CudaIpcTransport(KVTransport):
         self._closed = True
         self.stream.synchronize()
         with torch.cuda.device(self.local_device):
+            self.slots.close()
             self.runtime.ipc_close_mem_handle(self.remote.base)
-
-    def enqueue(
-        self,
-        layers: range,
-        ids: torch.Tensor,
-        first_index: int,
-        digests: torch.Tensor,
-        local_ids: Sequence[int],
-        remote_ids: Sequence[int],
-    ) -> int:
-        """Queue on the send stream (made to wait for the data) the copy of blocks ids[0] ->
-        ids[1] (int32 [2, n] on the device) in `layers`, and their digests into
-        digests[layer]; returns how many launches or copies that was. Cost: one launch
-        (KERNEL), or one cudaMemcpy2DAsync per run of blocks plus one launch (MEMCPY)."""
-        from kv_transfer.ipc_kernels import launch_blocks
-
-        half_words = self.half_block_bytes // 2
-        num_local, num_remote = self.pool.num_blocks, self.remote.num_blocks
-        if self.copy_mode is CopyMode.KERNEL:
-            launch_blocks(self.local_words, self.remote_words, ids, digests, layers, first_index,
-                          num_local, num_remote, half_words, self.stream)  # fmt: skip
-            return 1
-        runs = contiguous_runs(list(local_ids), np.asarray(remote_ids).tolist())  # plain ints
-        copies = plan_copies(layers, runs, num_local, num_remote,
-                             self.half_block_bytes, self.max_pitch)  # fmt: skip
-        issue_copies(self.runtime, copies, self.pool.cache.data_ptr(), self.remote.address,
-                     self.stream.cuda_stream)  # fmt: skip
-        launch_blocks(self.local_words, None, ids, digests, layers, first_index, num_local,
-                      num_local, half_words, self.stream)  # fmt: skip
-        return len(copies) + 1
 
 
 def _check_ids(name: str, ids: np.ndarray, num_blocks: int) -> None:
-    if ids.size and (ids.min() < 0 or ids.max() >= num_blocks):
+    """ids: int32. Read as uint32, a negative id is larger than any pool: one max covers both
+    ends (~3 us instead of min and max)."""
+    if ids.size and ids.view(np.uint32).max() >= num_blocks:
         raise ValueError(f"{name} block ids out of range [0, {num_blocks})")
 
 
-class _Uploads:
-    """Block ids on their way to the prefill GPU: pinned staging slots used round robin,
-    copied on the transport's upload stream, which holds nothing but these copies (so they
-    run at once, never behind compute). A slot is rewritten only once its copy is done.
-    Cost: a few us of host time per upload (a pageable copy: ~40, the driver stages it)."""
+def _int32_ids(name: str, ids: Sequence[int], num_blocks: int) -> np.ndarray:
+    try:
+        out = np.array(ids, dtype=np.int32)
+    except OverflowError:
+        raise ValueError(f"{name} block ids out of range [0, {num_blocks})") from None
+    _check_ids(name, out, num_blocks)
+    return out
 
-    SLOT_WORDS = 4096  # int32 words per slot; a larger upload takes several slots
+
+class _Slot:
+    """One session's memory, reused by later sessions: int32 words on the device (what the
+    kernels read and add to) and their pinned host twin (where ids are staged and digests
+    come back), both laid out, for a session of n blocks and L layers, as
+
+        [ local ids: n | decode ids: n | digests: L x int64 ]     (n <= capacity)
+
+    and two CUDA events (raw handles): `ready` (the compute a send waits for) and `done` (the
+    session's last queued work). A slot is reused only once `done` completed, so no queued
+    copy or kernel still reads or writes either buffer then."""
+
+    __slots__ = ("capacity", "device", "device_address", "host", "host_words", "host_i64",
+                 "host_address", "ready", "done")  # fmt: skip
 
     def __init__(
-        self, runtime: CudaRuntime, stream: torch.cuda.Stream, num_slots: int, pinned: bool
+        self, runtime: CudaRuntime, device: torch.device, capacity: int, num_layers: int
     ) -> None:
-        self._host = torch.empty((num_slots, self.SLOT_WORDS), dtype=torch.int32, pin_memory=pinned)
-        self._host_words = self._host.numpy()
-        self._events = [torch.cuda.Event() for _ in range(num_slots)]
-        self._used = [False] * num_slots
-        self._next = 0
+        words = 2 * capacity + 2 * num_layers
+        self.capacity = capacity
+        self.device = torch.empty(words, dtype=torch.int32, device=device)
+        self.host = torch.empty(words, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.host_words = self.host.numpy()
+        self.host_i64 = self.host_words.view(np.int64)
+        self.device_address = self.device.data_ptr()
+        self.host_address = self.host.data_ptr()
+        self.ready = runtime.event_create()
+        self.done = runtime.event_create()
+
+
+class _SlotPool:
+    """The transport's session slots: as many as sessions were ever open at once, each kept
+    for the transport's life (so a session that ends without finish or abort never frees
+    memory a queued launch uses). Take and give back cost a lock and a list operation; a
+    new slot (~30 KB device and pinned, two events: ~100 us) only when none is free, or
+    none large enough (capacity: MIN_CAPACITY blocks, or the session's size if larger)."""
+
+    MIN_CAPACITY = 4096  # blocks: 64k tokens at 16 per block
+
+    def __init__(
+        self, runtime: CudaRuntime, device: torch.device, num_layers: int, num_ready: int
+    ) -> None:
         self._runtime = runtime
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def upload(self, dst: int, dst_pitch: int, rows: np.ndarray) -> torch.cuda.Event:
-        """Queue the copy of int32 rows [R, k] to device rows dst_pitch bytes apart from
-        address dst (one copy per row and slot's worth of columns); returns an event that
-        completes once they landed."""
-        with self._lock:
-            return self._upload(dst, dst_pitch, rows)
-
-    def _upload(self, dst: int, dst_pitch: int, rows: np.ndarray) -> torch.cuda.Event:
-        num_rows, width = rows.shape
-        step = self.SLOT_WORDS // num_rows
-        event = self._events[0]
-        for start in range(0, width, step):
-            k, self._next = self._next, (self._next + 1) % len(self._events)
-            event = self._events[k]
-            if self._used[k]:
-                event.synchronize()  # queued num_slots uploads ago: done long since
-            chunk = rows[:, start : start + step]
-            cols = chunk.shape[1]
-            self._host_words[k, : num_rows * cols].reshape(num_rows, cols)[:] = chunk
-            src = self._host.data_ptr() + 4 * k * self.SLOT_WORDS
-            for row in range(num_rows):  # 1-D copies: a pitched one from host costs ~150 us
-                self._runtime.memcpy_async(dst + 4 * start + row * dst_pitch,
-                                           src + 4 * row * cols, 4 * cols,
-                                           self._stream.cuda_stream)  # fmt: skip
-            event.record(self._stream)
-            self._used[k] = True
-        return event
-
-
-class _SessionBuffers:
-    """Device buffers for sessions, reused: a session takes one at open and gives it back
-    when `finish` or `abort` returns (every launch that used it has completed then), so
-    there are as many as sessions were ever open at once (32 KB each). One allocated at
-    open would cost ~20 us of host time (the allocation belongs to the upload stream, and
-    entering a stream context is slow in Python); a session over more than MAX_BLOCKS
-    blocks allocates its own, which is not kept."""
-
-    MAX_BLOCKS = 4096  # table length a buffer fits: 64k tokens at 16 per block
-
-    def __init__(self, device: torch.device, num_layers: int) -> None:
         self._device = device
         self._num_layers = num_layers
-        self._words = 2 * self.MAX_BLOCKS + 2 * num_layers
-        self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
+        self._all = [self._new(self.MIN_CAPACITY) for _ in range(num_ready)]
+        self._free = list(self._all)
 
-    def take(self, num_blocks: int, upload_stream: torch.cuda.Stream) -> torch.Tensor:
-        """int32 [2 * num_blocks + 2 * num_layers] on the device, contents undefined."""
-        need = 2 * num_blocks + 2 * self._num_layers
-        size = self._words if num_blocks <= self.MAX_BLOCKS else need
-        if size == self._words:
-            with self._lock:
-                if self._free:
-                    return self._free.pop()[:need]
-        with torch.cuda.stream(upload_stream):
-            return torch.empty(size, dtype=torch.int32, device=self._device)[:need]
+    def _new(self, capacity: int) -> _Slot:
+        return _Slot(self._runtime, self._device, capacity, self._num_layers)
 
-    def give_back(self, buf: torch.Tensor) -> None:
-        base = buf if buf._base is None else buf._base
-        if base.numel() == self._words:
-            with self._lock:
-                self._free.append(base)
+    def take(self, num_blocks: int) -> _Slot:
+        with self._lock:
+            for i in range(len(self._free) - 1, -1, -1):  # the last given back first
+                if self._free[i].capacity >= num_blocks:
+                    return self._free.pop(i)
+        if self._device.type == "cuda":
+            with torch.cuda.device(self._device):  # events belong to the current device
+                slot = self._new(max(self.MIN_CAPACITY, num_blocks))
+        else:
+            slot = self._new(max(self.MIN_CAPACITY, num_blocks))
+        with self._lock:
+            self._all.append(slot)
+        return slot
+
+    def give_back(self, slot: _Slot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._all)
+
+    def close(self) -> None:
+        """Destroy the events (call once the send stream is idle, the device current)."""
+        for slot in self._all:
+            self._runtime.event_destroy(slot.ready)
+            self._runtime.event_destroy(slot.done)
+        self._all, self._free = [], []
 
 
 class _IpcSession(TransferSession):
-    """The session's device memory, int32 words (n = the reservation's table length, L =
-    layers), from the transport's `_SessionBuffers`:
+    """A reservation's transfer, in its slot (see `_Slot` for the layout). Everything goes
+    on the transport's send stream, in order, so no event orders one copy against another:
 
-        [ ids: 2 x n (row 0 the local ids, row 1 the decode ids) | digests: 2L words ]
+        open          decode ids, zeroed digests and an empty (-1) local row staged in the
+                      slot's pinned host twin; no CUDA call
+        new block     its local ids checked and staged; ONE copy up: the first one takes
+          list        everything from its first column to the digests' end (a whole
+                      request: the whole slot, 2n + 2L words); later ones their columns
+                      (layer streaming: once per step, reused by every layer of the step)
+        each send     ready recorded on the caller's stream, waited for; ONE launch
+        finish        digests copied down into the host twin, done recorded, polled
 
-    Open zeroes the digests (a memset on the send stream). Each new block list uploads its
-    columns [first, first + k) of both rows (`_Uploads`), which the send stream waits for by
-    event. Column i only ever holds table index i's blocks (checked), so a rewrite never
-    changes a value that a queued kernel reads; kernels read ids[:, first:first + k] in
-    place. The buffer goes back to the transport once `finish`
-    or `abort` has seen every launch complete (a session that ends otherwise keeps it).
+    Column i of the local row only ever holds -1 or table index i's block (checked), and a
+    kernel reads a column only after the copy that carried its block, so a copy that runs
+    late (behind compute) and picks up a later block list's columns changes nothing that a
+    kernel reads. Host cost (2-core CPU box, CUDA calls excluded, 1k tokens): open ~10 us,
+    a whole request's send ~13 us, finish ~4 us; was ~60, ~100 and ~15.
     """
 
     def __init__(self, transport: CudaIpcTransport, reservation: RemoteReservation) -> None:
         t = self._t = transport
-        self._dst = np.asarray(reservation.block_ids, dtype=np.int64)
-        n, num_layers = len(self._dst), t.pool.num_layers
-        _check_ids("decode", self._dst, t.remote.num_blocks)
-        self._buf: torch.Tensor | None = t.buffers.take(n, t.upload_stream)
-        if self._buf.is_cuda:
-            self._buf.record_stream(t.stream)
-        self._ids = self._buf[: 2 * n].view(2, n)
-        self._digests = self._buf[2 * n :].view(torch.int64)  # by layer; kernels add to it
-        t.runtime.memset_async(self._digests.data_ptr(), 0, 8 * num_layers, t.stream.cuda_stream)
-        self._local = np.full(n, -1, dtype=np.int64)  # the local row as uploaded (-1: not yet)
-        self._ids_key: tuple[int, tuple[int, ...]] | None = None  # (first_block, local ids)
-        self._ids_view = self._ids  # self._ids[:, first_block:first_block + k] of _ids_key
+        n = self._n = len(reservation.block_ids)
+        self._slot: _Slot | None = t.slots.take(n)
+        try:
+            words = self._slot.host_words
+            words[n : 2 * n] = _int32_ids("decode", reservation.block_ids, t.remote.num_blocks)
+        except ValueError:
+            t.slots.give_back(self._slot)  # nothing queued yet
+            raise
+        words[:n] = -1  # the local row as uploaded (-1: not yet)
+        self._slot.host_i64[n : n + t.pool.num_layers] = 0
+        self._uploaded = False  # no copy up yet: the first carries the decode row and digests
+        self._first = -1  # the last block list: columns [first, first + len(local)) ...
+        self._local: tuple[int, ...] = ()  # ... of the local row
+        self._lo, self._hi = n, 0  # the local row's columns ever uploaded lie in [lo, hi)
         self._num_bytes = 0
         self._num_launches = 0
         self._first_send_s = 0.0
@@ -331,72 +333,118 @@ class _IpcSession(TransferSession):
         current stream of the prefill GPU (the compute that wrote them). Host cost with the
         block list of the last call: an event record, a stream wait and one launch."""
         t = self._t
-        if self._aborted:
-            raise TransferError("send on an aborted session")
+        slot = self._slot
+        if self._aborted or slot is None:
+            raise TransferError("send on an aborted or finished session")
         assert 0 <= layers.start < layers.stop <= self.num_layers, layers
         if not self._num_launches:
             self._first_send_s = time.perf_counter()
-        key = (first_block, tuple(local_block_ids))
-        end = first_block + len(key[1])
-        if first_block < 0 or end > len(self._dst):
-            raise ValueError(f"blocks [{first_block}, {end}) beyond the reservation")
-        if key != self._ids_key:  # layer streaming: once per step, not once per layer
-            self._upload_ids(first_block, key[1])
-            self._ids_key, self._ids_view = key, self._ids[:, first_block:end]
-        t.ready.record(torch.cuda.current_stream(t.local_device))
-        t.stream.wait_event(t.ready)
-        self._num_launches += t.enqueue(layers, self._ids_view, first_block, self._digests,
-                                        key[1], self._dst[first_block:end])  # fmt: skip
-        self._num_bytes += len(key[1]) * t.pool.layer_block_bytes * len(layers)
+        local = tuple(local_block_ids)
+        if first_block != self._first or local != self._local:  # streaming: once per step
+            self._upload_local(slot, first_block, local)
+        t.runtime.event_record(slot.ready, t.current_raw_stream(t.device_index))
+        t.runtime.stream_wait_event(t.stream_raw, slot.ready)
+        self._num_launches += self._enqueue(slot, layers, first_block, local)
+        self._num_bytes += len(local) * t.pool.layer_block_bytes * len(layers)
 
-    def _upload_ids(self, first_block: int, local: tuple[int, ...]) -> None:
+    def _upload_local(self, slot: _Slot, first: int, local: tuple[int, ...]) -> None:
+        """Check a new block list and queue the copy of its columns of the local row."""
         t = self._t
-        now = np.asarray(local, dtype=np.int64)
-        _check_ids("local", now, t.pool.num_blocks)
-        end = first_block + len(now)
-        was = self._local[first_block:end]
-        clash = np.flatnonzero((was >= 0) & (was != now))
-        if clash.size:
-            i = int(clash[0])
-            raise ValueError(
-                f"table index {first_block + i} sent from blocks {was[i]} and {now[i]}"
-            )
-        self._local[first_block:end] = now
-        rows = np.stack([now, self._dst[first_block:end]])
-        n = len(self._dst)
-        t.stream.wait_event(t.uploads.upload(self._ids.data_ptr() + 4 * first_block, 4 * n, rows))
+        end = first + len(local)
+        if first < 0 or end > self._n:
+            raise ValueError(f"blocks [{first}, {end}) beyond the reservation")
+        now = _int32_ids("local", local, t.pool.num_blocks)
+        words = slot.host_words
+        if first < self._hi and end > self._lo:  # overlaps columns sent before: same blocks
+            was = words[first:end]
+            clash = np.flatnonzero((was >= 0) & (was != now))
+            if clash.size:
+                i = int(clash[0])
+                raise ValueError(f"table index {first + i} sent from blocks {was[i]} and {now[i]}")
+        words[first:end] = now
+        self._lo, self._hi = min(self._lo, first), max(self._hi, end)
+        self._first, self._local = first, local
+        if not self._uploaded:  # columns [first, n), the decode row, the zeroed digests
+            end = 2 * self._n + 2 * self.num_layers
+            self._uploaded = True
+        if end > first:
+            t.runtime.memcpy_async(slot.device_address + 4 * first,
+                                   slot.host_address + 4 * first, 4 * (end - first),
+                                   t.stream_raw)  # fmt: skip
 
-    def _record_done(self) -> torch.cuda.Event:
-        done = torch.cuda.Event()
-        done.record(self._t.stream)
-        return done
+    def _enqueue(self, slot: _Slot, layers: range, first: int, local: tuple[int, ...]) -> int:
+        """Queue on the send stream the copy of blocks local -> the reservation's [first,
+        first + k) in `layers`, and their digests; returns how many launches or copies that
+        was. Cost: one launch (KERNEL), or one cudaMemcpy2DAsync per run of blocks plus one
+        launch (MEMCPY)."""
+        t = self._t
+        n, k = self._n, len(local)
+        ids_address = slot.device_address + 4 * first
+        digests_address = slot.device_address + 8 * n
+        if t.copy_mode is CopyMode.KERNEL:
+            if not t.copy_launch(ids_address, n, k, digests_address, layers, first):
+                self._launch_blocks(slot, t.remote_words, layers, first, k)
+            return 1
+        remote = slot.host_words[n + first : n + first + k].tolist()
+        runs = contiguous_runs(list(local), remote)
+        copies = plan_copies(layers, runs, t.pool.num_blocks, t.remote.num_blocks,
+                             t.half_block_bytes, t.max_pitch)  # fmt: skip
+        issue_copies(t.runtime, copies, t.pool.cache.data_ptr(), t.remote.address, t.stream_raw)
+        if not t.digest_launch(ids_address, n, k, digests_address, layers, first):
+            self._launch_blocks(slot, None, layers, first, k)
+        return len(copies) + 1
 
-    def _release_buffer(self) -> None:
-        """Every launch that used the buffer is done: the transport may reuse it."""
-        if self._buf is not None:
-            self._t.buffers.give_back(self._buf)
-            self._buf = None
+    def _launch_blocks(self, slot: _Slot, dst: object, layers: range, first: int, k: int) -> None:
+        """The launch through Triton's own path, on tensor views of the slot (the first
+        launch of a variant, which compiles it; CPU tests under the interpreter)."""
+        from kv_transfer.ipc_kernels import launch_blocks
+
+        t = self._t
+        n = self._n
+        ids = slot.device[: 2 * n].view(2, n)[:, first : first + k]
+        digests = slot.device[2 * n : 2 * n + 2 * self.num_layers].view(torch.int64)
+        launch_blocks(t.local_words, dst, ids, digests, layers, first, t.pool.num_blocks,
+                      t.pool.num_blocks if dst is None else t.remote.num_blocks,
+                      t.half_block_bytes // 2, t.stream)  # fmt: skip
+
+    def _release_slot(self) -> None:
+        """Every copy and launch that used the slot is done: the transport may reuse it."""
+        if self._slot is not None:
+            self._t.slots.give_back(self._slot)
+            self._slot = None
 
     def finish(self, timeout_s: float) -> SentBytes:
         t = self._t
-        with t.finish_lock:  # the digests' copy to host, after the last send
-            t.runtime.memcpy_async(t.digests_host.data_ptr(), self._digests.data_ptr(),
-                                   8 * self.num_layers, t.stream.cuda_stream)  # fmt: skip
-            done = self._record_done()
+        slot = self._slot
+        if slot is None:
+            raise TransferError("finish on an aborted or finished session")
+        n, num_layers = self._n, self.num_layers
+        if not self._uploaded:  # nothing sent, nothing queued: the digests staged at open
+            self._release_slot()
+            return SentBytes(0, 0, 0.0, (0,) * num_layers)
+        rt = t.runtime
+        rt.memcpy_async(slot.host_address + 8 * n, slot.device_address + 8 * n, 8 * num_layers,
+                        t.stream_raw)  # fmt: skip
+        rt.event_record(slot.done, t.stream_raw)
+        if not rt.event_query(slot.done):  # a polling wait that can time out
             start_s = time.monotonic()
-            while not done.query():  # a polling wait that can time out
+            while not rt.event_query(slot.done):
                 waited_s = time.monotonic() - start_s
                 if waited_s > timeout_s:
                     # The launches cannot be recalled; the caller aborts the reservation.
+                    # The slot stays out of the pool (kept, never freed).
                     raise TransferError(f"GPU copy not done after {timeout_s:.1f} s")
                 if waited_s > _SPIN_S:
                     time.sleep(50e-6)
-            digests = tuple(t.digests_host.tolist())
-        self._release_buffer()
+        digests = tuple(slot.host_i64[n : n + num_layers].tolist())
+        self._release_slot()
         return SentBytes(self._num_bytes, self._num_launches, self._first_send_s, digests)
 
     def abort(self) -> None:
         """Stop; returns once the launches already queued are done (see the module doc)."""
         self._aborted = True
-        self._record_done().synchronize()
-        self._release_buffer()
+        slot = self._slot
+        if slot is not None:
+            self._t.runtime.event_record(slot.done, self._t.stream_raw)
+            self._t.runtime.event_synchronize(slot.done)
+            self._release_slot()

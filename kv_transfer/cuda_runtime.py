@@ -6,8 +6,12 @@
 - `cudaMemcpy2DAsync`: the copy-engine fallback (`CopyMode.MEMCPY`). `torch.Tensor.copy_`
   moves one contiguous range per call and, across devices, adds two events per call; one
   pitched copy moves a run of blocks in every (layer, K/V) row at once.
-- `cudaMemcpyAsync`, `cudaMemsetAsync`: the block ids up, the digests zeroed and down, on a
+- `cudaMemcpyAsync`: the block ids (and zeroed digests) up and the digests down, on a
   given stream, without entering torch's stream context (~15 us a time in Python).
+- `cudaEvent{Create,Record,Query,Synchronize}`, `cudaStreamWaitEvent`: the GPU path's
+  per-request events as raw handles. torch's `Event` costs a Python object, a method
+  dispatch and (for `current_stream()`) a Stream object per call; these are one ctypes call
+  each (~1 us).
 
 The functions are called through ctypes on the CUDA runtime library that torch has already
 loaded (found in /proc/self/maps), so the calls share torch's runtime state: its streams,
@@ -29,6 +33,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _CUDA_SUCCESS = 0
+_CUDA_ERROR_NOT_READY = 600
+_CUDA_EVENT_DISABLE_TIMING = 2
 _CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED = 704
 _CUDA_MEMCPY_HOST_TO_DEVICE = 1
 _CUDA_MEMCPY_DEFAULT = 4  # direction inferred from the pointers (unified addressing)
@@ -97,6 +103,24 @@ class CudaRuntime:
         self._ipc_close = lib.cudaIpcCloseMemHandle
         self._ipc_close.argtypes = [c_void_p]
         self._ipc_close.restype = c_int
+        self._event_create = lib.cudaEventCreateWithFlags
+        self._event_create.argtypes = [ctypes.POINTER(c_void_p), ctypes.c_uint]
+        self._event_create.restype = c_int
+        self._event_destroy = lib.cudaEventDestroy
+        self._event_destroy.argtypes = [c_void_p]
+        self._event_destroy.restype = c_int
+        self._event_record = lib.cudaEventRecord
+        self._event_record.argtypes = [c_void_p, c_void_p]
+        self._event_record.restype = c_int
+        self._event_query = lib.cudaEventQuery
+        self._event_query.argtypes = [c_void_p]
+        self._event_query.restype = c_int
+        self._event_sync = lib.cudaEventSynchronize
+        self._event_sync.argtypes = [c_void_p]
+        self._event_sync.restype = c_int
+        self._stream_wait = lib.cudaStreamWaitEvent
+        self._stream_wait.argtypes = [c_void_p, c_void_p, ctypes.c_uint]
+        self._stream_wait.restype = c_int
         self._last_error = lib.cudaGetLastError
         self._last_error.restype = c_int
         self._error_name = lib.cudaGetErrorName
@@ -132,7 +156,8 @@ class CudaRuntime:
     def memcpy_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
         """Queue a copy of num_bytes (direction from the addresses: device or pinned host)."""
         err = self._memcpy(dst, src, num_bytes, _CUDA_MEMCPY_DEFAULT, stream)
-        self._check(err, f"cudaMemcpyAsync({num_bytes} bytes)")
+        if err:
+            self._check(err, f"cudaMemcpyAsync({num_bytes} bytes)")
 
     def memset_async(self, dst: int, value: int, num_bytes: int, stream: int) -> None:
         """Queue setting num_bytes of device memory at dst to the byte `value`."""
@@ -146,6 +171,48 @@ class CudaRuntime:
         queued on `stream`: use a stream whose work never waits on anything else."""
         err = self._memcpy(dst, src, num_bytes, _CUDA_MEMCPY_HOST_TO_DEVICE, stream)
         self._check(err, f"cudaMemcpyAsync({num_bytes} bytes to the device)")
+
+    # ---- events, as raw handles (ints); hot: no formatting unless a call failed -----------
+
+    def event_create(self) -> int:
+        """A new event of the *current* device, without timing (cheapest to record and query).
+        Destroy it with event_destroy."""
+        event = ctypes.c_void_p()
+        self._check(self._event_create(ctypes.byref(event), _CUDA_EVENT_DISABLE_TIMING),
+                    "cudaEventCreateWithFlags")  # fmt: skip
+        assert event.value, "cudaEventCreateWithFlags returned a null event"
+        return event.value
+
+    def event_destroy(self, event: int) -> None:
+        self._check(self._event_destroy(event), "cudaEventDestroy")
+
+    def event_record(self, event: int, stream: int) -> None:
+        """The event completes once the work queued on `stream` so far is done (the event
+        and the stream belong to one device)."""
+        err = self._event_record(event, stream)
+        if err:
+            self._check(err, "cudaEventRecord")
+
+    def event_query(self, event: int) -> bool:
+        """Whether the work the event was last recorded behind is done (never waits)."""
+        err = self._event_query(event)
+        if err == _CUDA_SUCCESS:
+            return True
+        if err == _CUDA_ERROR_NOT_READY:
+            self._last_error()  # as torch's Event.query: "not ready" must not linger as an error
+            return False
+        self._check(err, "cudaEventQuery")
+        return False  # not reached: _check raised
+
+    def event_synchronize(self, event: int) -> None:
+        """Wait (on the host) until the event completed."""
+        self._check(self._event_sync(event), "cudaEventSynchronize")
+
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        """Work queued on `stream` from now on waits for the event's current state."""
+        err = self._stream_wait(stream, event, 0)
+        if err:
+            self._check(err, "cudaStreamWaitEvent")
 
     def enable_peer_access(self, peer_device: int) -> None:
         """Let the current device's kernels and copy engines reach peer_device's memory."""

@@ -33,7 +33,10 @@ of its integers and id/digest pointers, and `_direct_launch_ok` checks the rest 
 16-byte aligned, the launching device current, no launch hooks set). The launcher's
 signature is Triton's internal (3.6 here): if a direct call is refused (TypeError,
 AttributeError, as another Triton version may), the process logs it once and uses Triton's
-own launch path from then on.
+own launch path from then on. `DirectLaunch` is that direct path with the pools, stream and
+shape bound once (the GPU path's sends): pointers go in as plain ints, so neither Python
+(`data_ptr()`, tensor views) nor the launcher (one cuPointerGetAttribute per pointer object)
+looks at them per call.
 
 The torch reference of the digest is ipc_plan.layer_digests_torch (also the CPU path);
 `ipc_plan.layer_digests` picks `cuda_layer_digests` for CUDA pools. Triton is imported only
@@ -169,16 +172,8 @@ def launch_blocks(
         raw_stream = (
             stream.cuda_stream if stream is not None else torch.cuda.current_stream().cuda_stream
         )
-        try:
-            run = compiled.run  # first: it loads the module that `function` names
-            run(*grid, raw_stream, compiled.function, compiled.packed_metadata, None, None, None,
-                *args, *constants)  # fmt: skip
+        if _run_direct(compiled, grid, raw_stream, (*args, *constants)):
             return
-        except (TypeError, AttributeError) as e:  # refused before launching: not this Triton's
-            log.warning("direct launch of the KV copy kernel refused (%r): Triton %s's own "
-                        "launch path from now on", e, triton.__version__)  # fmt: skip
-            _direct_launch[0] = False
-            _compiled.clear()
     with contextlib.nullcontext() if stream is None else torch.cuda.stream(stream):
         compiled = _blocks_kernel[grid](*args, HALF_WORDS=half_words, BLOCK=block,
                                         COPY=dst is not None, DIGEST=digests is not None,
@@ -187,22 +182,113 @@ def launch_blocks(
         _compiled[key] = compiled  # built for aligned pools: what the direct path checks
 
 
+def _run_direct(compiled: Any, grid: tuple[int, int, int], stream: int, args: tuple) -> bool:
+    """Launch `compiled` through its launcher; False (logged once, direct launches off from
+    then on) if this Triton's launcher refused the call before launching."""
+    try:
+        run = compiled.run  # first: it loads the module that `function` names
+        run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+        return True
+    except (TypeError, AttributeError) as e:  # refused before launching: not this Triton's
+        log.warning("direct launch of the KV copy kernel refused (%r): Triton %s's own "
+                    "launch path from now on", e, triton.__version__)  # fmt: skip
+        _direct_launch[0] = False
+        _compiled.clear()
+        return False
+
+
+_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)  # Triton >= 3.4
+
+
+def _no_launch_hooks() -> bool:
+    """Triton >= 3.4 (knobs) and no launch hooks set (chains, empty by default)."""
+    knobs = _RUNTIME_KNOBS
+    if knobs is None:
+        return False
+    hooks = (knobs.launch_enter_hook, knobs.launch_exit_hook)
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+
+
+def _current_device() -> int:
+    get = getattr(torch._C, "_cuda_getDevice", None)  # torch.cuda.current_device, minus checks
+    return get() if get is not None else torch.cuda.current_device()
+
+
 def _direct_launch_ok(
     src: torch.Tensor | DeviceWords, dst: torch.Tensor | DeviceWords | None, device: int
 ) -> bool:
     """The direct launch skips Triton's checks: the compiled variant must fit (pools 16-byte
     aligned), its module belongs to `device`'s context, and no launch hooks are set."""
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; hooks are chains, empty by default
-    hooks = (
-        () if knobs is None else (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    )
     return (
-        knobs is not None
-        and all(h is None or not getattr(h, "calls", True) for h in hooks)
+        _no_launch_hooks()
         and src.data_ptr() % 16 == 0
         and (dst is None or dst.data_ptr() % 16 == 0)
         and torch.cuda.current_device() == device
     )
+
+
+class DirectLaunch:
+    """`launch_blocks`'s direct path with everything fixed per (pools, mode, stream) bound
+    once: a call passes the id rows and digests as device addresses (plain ints).
+
+    Call it as launch_blocks would be called (same argument meanings, ids int32 rows
+    `ids_stride` words apart at `ids_address`, digests int64 at `digests_address`); it
+    returns False without launching when the direct path is not available (no compiled
+    variant yet on this device, another device current, launch hooks set, or this Triton
+    refused a direct call): then call `launch_blocks` with tensors, whose first launch
+    compiles the variant that later calls here find. Cost: ~5 us of host time (a tuple and
+    the launcher's own argument parsing), none of it per block.
+    """
+
+    def __init__(
+        self,
+        src: torch.Tensor | DeviceWords,
+        dst: torch.Tensor | DeviceWords | None,
+        src_num_blocks: int,
+        dst_num_blocks: int,
+        half_words: int,
+        digest: bool,
+        device: int,
+        stream: int,
+    ) -> None:
+        assert dst is not None or digest
+        assert half_words % 8 == 0 and max(src_num_blocks, dst_num_blocks) < 2**31
+        block = min(1 << (half_words - 1).bit_length(), MAX_BLOCK_WORDS)
+        self._chunks = -(-half_words // block)
+        src_address = src.data_ptr()
+        dst_address = src_address if dst is None else dst.data_ptr()
+        self._aligned = src_address % 16 == 0 and dst_address % 16 == 0
+        self._pools = (src_address, dst_address)
+        self._sizes = (src_num_blocks, dst_num_blocks)
+        self._constants = (half_words, block, dst is not None, digest)
+        self._key = (device, *self._constants)
+        self._device = device
+        self._stream = stream
+
+    def __call__(
+        self,
+        ids_address: int,
+        ids_stride: int,
+        num_ids: int,
+        digests_address: int,
+        layers: range,
+        first_index: int,
+    ) -> bool:
+        if num_ids == 0 or len(layers) == 0:
+            return True
+        compiled = _compiled.get(self._key) if _direct_launch[0] else None
+        if (
+            compiled is None
+            or not self._aligned
+            or not _no_launch_hooks()
+            or _current_device() != self._device
+        ):
+            return False
+        grid = (num_ids, 2 * len(layers), self._chunks)
+        src_address, dst_address = self._pools
+        args = (src_address, dst_address, ids_address, digests_address, num_ids, ids_stride,
+                2 * layers.start, *self._sizes, first_index, *self._constants)  # fmt: skip
+        return _run_direct(compiled, grid, self._stream, args)
 
 
 def cuda_layer_digests(

@@ -8,10 +8,9 @@ with memmove on CPU pools, through the same pointer arithmetic as on the GPU
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,19 +214,45 @@ def test_copy_mode_from_env(monkeypatch):  # noqa: ANN001
         copy_mode_from_env()
 
 
-def test_session_buffers_are_reused_and_oversized_ones_are_not_pooled():
-    from kv_transfer.cuda_ipc import _SessionBuffers
+class EventRuntime:
+    """Hands out event handles (ints); records nothing else."""
 
-    buffers = _SessionBuffers(torch.device("cpu"), num_layers=4)
-    upload = contextlib.nullcontext()  # torch.cuda.stream(s) is only entered, never used
-    with mock.patch.object(torch.cuda, "stream", lambda s: upload):
-        first = buffers.take(10, upload_stream=None)
-        assert first.numel() == 2 * 10 + 2 * 4 and first.dtype == torch.int32
-        buffers.give_back(first)
-        again = buffers.take(3, upload_stream=None)  # the same memory, a shorter view
-        assert again.numel() == 2 * 3 + 2 * 4 and again.data_ptr() == first.data_ptr()
-        big = buffers.take(_SessionBuffers.MAX_BLOCKS + 1, upload_stream=None)
-        assert big.numel() == 2 * (_SessionBuffers.MAX_BLOCKS + 1) + 2 * 4
-        buffers.give_back(big)  # its own allocation: not kept
-        buffers.give_back(again)
-        assert [b.data_ptr() for b in buffers._free] == [first.data_ptr()]
+    def __init__(self) -> None:
+        self.created: list[int] = []
+        self.destroyed: list[int] = []
+
+    def event_create(self) -> int:
+        self.created.append(100 + len(self.created))
+        return self.created[-1]
+
+    def event_destroy(self, event: int) -> None:
+        self.destroyed.append(event)
+
+
+def test_session_slots_are_reused_grow_for_large_sessions_and_are_all_kept():
+    from kv_transfer.cuda_ipc import _SlotPool
+
+    runtime = EventRuntime()
+    slots = _SlotPool(runtime, torch.device("cpu"), num_layers=4, num_ready=1)
+    first = slots.take(10)
+    assert first.capacity == _SlotPool.MIN_CAPACITY and first.host_words.dtype == np.int32
+    assert first.device.numel() == first.host.numel() == 2 * _SlotPool.MIN_CAPACITY + 2 * 4
+    assert first.device_address == first.device.data_ptr() and (first.ready, first.done) == (
+        100,
+        101,
+    )
+    # The int64 view of the host twin starts where the int32 words do: digests of a session
+    # of n blocks are int64 words n .. n + L (int32 words 2n .. 2n + 2L).
+    assert first.host_i64.ctypes.data == first.host_address
+    second = slots.take(10)  # none free: a new one
+    assert second is not first and slots.num_slots == 2
+    slots.give_back(first)
+    assert slots.take(3) is first  # reused for any session that fits
+    big = slots.take(_SlotPool.MIN_CAPACITY + 1)  # a larger slot, kept like the others
+    assert big.capacity == _SlotPool.MIN_CAPACITY + 1 and slots.num_slots == 3
+    slots.give_back(big)
+    slots.give_back(second)
+    assert slots.take(_SlotPool.MIN_CAPACITY + 1) is big  # only the large one fits
+    assert slots.take(5) is second
+    slots.close()
+    assert sorted(runtime.destroyed) == list(range(100, 106))

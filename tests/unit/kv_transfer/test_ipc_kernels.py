@@ -20,7 +20,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -35,6 +34,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kv_transfer import ipc_kernels  # noqa: E402
 from kv_transfer.ipc_plan import layer_digests_torch  # noqa: E402
+from kv_transfer.transport import TransferError  # noqa: E402
 
 IN_INTERPRETER = isinstance(ipc_kernels._blocks_kernel, InterpretedFunction)
 REPO = Path(__file__).resolve().parents[3]
@@ -184,66 +184,102 @@ def test_gather_blocks_reads_a_pool_by_address():
     assert torch.equal(got.view(torch.int16), src[:, :, [6, 1, 3]].view(torch.int16))
 
 
-# ---- the session, with torch.cuda replaced by recording fakes ----------------------------
-
-
-class FakeEvent:
-    def __init__(self, log: list[str]) -> None:
-        self.log, self.name = log, f"e{sum(1 for x in log if x.startswith('new'))}"
-        log.append(f"new {self.name}")
-
-    def record(self, stream: FakeStream) -> None:
-        self.log.append(f"record {self.name} on {stream.name}")
-
-    def query(self) -> bool:
-        self.log.append(f"query {self.name}")
-        return True
-
-    def synchronize(self) -> None:
-        self.log.append(f"sync {self.name}")
+# ---- the session, with the CUDA runtime replaced by a recording fake --------------------
 
 
 class FakeStream:
     def __init__(self, name: str, log: list[str]) -> None:
         self.name, self.log, self.cuda_stream = name, log, 7
 
-    def wait_event(self, event: FakeEvent) -> None:
-        self.log.append(f"{self.name} waits {event.name}")
+
+STREAMS = {7: "send", 9: "compute"}  # raw handles: the send stream, the caller's stream
 
 
 class MemmoveRuntime:
-    """The CUDA runtime calls of the path, on host memory, logged."""
+    """The CUDA runtime calls of the path, on host memory, logged; events are handles 1, 2,
+    ... (logged as e1, e2, ...)."""
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
+        self.num_events = 0
 
     def memcpy_2d_async(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:  # noqa: ANN001
+        assert stream == 7
         for row in range(height):
             ctypes.memmove(dst + row * dst_pitch, src + row * src_pitch, width)
-        self.log.append(f"copy {width}x{height}" + {7: "", 8: " on up"}[stream])
-
-    def memset_async(self, dst: int, value: int, num_bytes: int, stream: int) -> None:
-        ctypes.memset(dst, value, num_bytes)
-        self.log.append(f"memset {num_bytes} B on {({7: 'send', 8: 'up'})[stream]}")
+        self.log.append(f"copy {width}x{height}")
 
     def memcpy_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
         ctypes.memmove(dst, src, num_bytes)
-        self.log.append(f"memcpy {num_bytes} B on {({7: 'send', 8: 'up'})[stream]}")
+        self.log.append(f"memcpy {num_bytes} B on {STREAMS[stream]}")
+
+    def event_create(self) -> int:
+        self.num_events += 1
+        return self.num_events
+
+    def event_destroy(self, event: int) -> None:
+        pass
+
+    def event_record(self, event: int, stream: int) -> None:
+        self.log.append(f"record e{event} on {STREAMS[stream]}")
+
+    def stream_wait_event(self, stream: int, event: int) -> None:
+        self.log.append(f"{STREAMS[stream]} waits e{event}")
+
+    def event_query(self, event: int) -> bool:
+        self.log.append(f"query e{event}")
+        return True
+
+    def event_synchronize(self, event: int) -> None:
+        self.log.append(f"sync e{event}")
+
+
+class InterpretedLauncher:
+    """A compiled kernel's launcher as `DirectLaunch` calls it, run by the interpreter: the
+    plain-int pointers are mapped back onto the tensors they point into, so the direct
+    path's argument order and addresses are checked by what lands."""
+
+    function = packed_metadata = None
+
+    def __init__(self, log: list[str], tensors: list[torch.Tensor]) -> None:
+        self.log, self.tensors = log, tensors
+
+    def _at(self, address: int, dtype: torch.dtype) -> torch.Tensor:
+        for t in self.tensors:
+            flat = t.reshape(-1).view(dtype)
+            offset = address - flat.data_ptr()
+            if 0 <= offset < flat.numel() * flat.element_size():
+                assert offset % flat.element_size() == 0
+                return flat[offset // flat.element_size() :]
+        raise AssertionError(f"address {address:#x} in no known tensor")
+
+    def run(self, gx, gy, gz, stream, function, metadata, hooks_md, enter, exit_, src, dst,  # noqa: ANN001
+            ids, digests, num_ids, ids_stride, first_row, src_nb, dst_nb, first_index, half_words,
+            block, copy, digest) -> None:  # fmt: skip
+        assert stream == 7 and function is None and (hooks_md, enter, exit_) == (None,) * 3
+        assert all(isinstance(a, int) for a in (src, dst, ids, digests))  # no data_ptr() calls
+        layers = range(first_row // 2, first_row // 2 + gy // 2)
+        self.log.append(f"launch {'copy' if copy else 'digest'} layers {list(layers)}")
+        ipc_kernels._blocks_kernel[(gx, gy, gz)](
+            self._at(src, torch.int16), self._at(dst, torch.int16), self._at(ids, torch.int32),
+            self._at(digests, torch.int64), num_ids, ids_stride, first_row, src_nb, dst_nb,
+            first_index, HALF_WORDS=half_words, BLOCK=block, COPY=copy, DIGEST=digest,
+        )  # fmt: skip
 
 
 @pytest.fixture
 def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
-    """A CudaIpcTransport over two CPU pools (the remote one as if mapped), whose
-    torch.cuda calls and launches are logged."""
+    """make(mode, direct) -> a CudaIpcTransport over two CPU pools (the remote one as if
+    mapped) whose CUDA calls and launches are logged, the remote pool, an open session and
+    the log. direct: the launches go through DirectLaunch (a compiled kernel as if cached),
+    else through launch_blocks (Triton's path, as a first launch)."""
     from engine.kv_pool import KVPool
     from engine.presets import preset
     from kv_transfer.client import RemoteReservation
-    from kv_transfer.cuda_ipc import CudaIpcTransport, _SessionBuffers, _Uploads
+    from kv_transfer.cuda_ipc import CudaIpcTransport, _SlotPool
     from kv_transfer.ipc_handle import RemotePool
 
     log: list[str] = []
-    monkeypatch.setattr(torch.cuda, "Event", lambda: FakeEvent(log))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: FakeStream("compute", log))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     launch = ipc_kernels.launch_blocks
 
@@ -253,7 +289,7 @@ def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 
     monkeypatch.setattr(ipc_kernels, "launch_blocks", logged_launch)
 
-    def make(mode):  # noqa: ANN001, ANN202
+    def make(mode: str, direct: bool = False):  # noqa: ANN202
         from kv_transfer.cuda_ipc import CopyMode
 
         local = KVPool(preset("tiny"), 12, 4, torch.bfloat16, torch.device("cpu"))
@@ -262,30 +298,45 @@ def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
         t = object.__new__(CudaIpcTransport)  # __init__ needs CUDA; set what it would
         t.pool, t.runtime, t.copy_mode = local, MemmoveRuntime(log), CopyMode(mode)
         t.remote = RemotePool(0, remote.data_ptr(), tuple(remote.shape), remote.dtype, 1)
-        t.local_device = torch.device("cpu")
+        t.local_device, t.device_index = torch.device("cpu"), -1
         t.half_block_bytes, t.max_pitch = local.layer_block_bytes // 2, 2**31 - 1
         t.local_words, t.remote_words = local.cache.view(torch.int16), remote.view(torch.int16)
-        t.stream, t.upload_stream, t._closed = FakeStream("send", log), FakeStream("up", log), False
-        t.upload_stream.cuda_stream = 8
-        t.ready = FakeEvent(log)  # e0
-        t.uploads = _Uploads(t.runtime, t.upload_stream, num_slots=2, pinned=False)  # e1, e2
-        t.buffers = _SessionBuffers(t.local_device, local.num_layers)
-        t.digests_host = torch.empty(2, dtype=torch.int64)
-        t.finish_lock = threading.Lock()
+        t.stream, t._closed = FakeStream("send", log), False
+        t.stream_raw = 7
+        t.current_raw_stream = lambda index: 9
+        half_words = t.half_block_bytes // 2
+        t.copy_launch = ipc_kernels.DirectLaunch(t.local_words, t.remote_words, 12, 9,
+                                                 half_words, True, -1, 7)  # fmt: skip
+        t.digest_launch = ipc_kernels.DirectLaunch(t.local_words, None, 12, 12, half_words,
+                                                   True, -1, 7)  # fmt: skip
+        t.slots = _SlotPool(t.runtime, t.local_device, local.num_layers, num_ready=1)  # e1, e2
+        slot = t.slots._free[0]
+        slot.device.fill_(-7)  # what a previous session may have left: open must zero it
+        slot.host.fill_(-7)
+        if direct:
+            launcher = InterpretedLauncher(log, [local.cache, remote, slot.device])
+            monkeypatch.setattr(ipc_kernels, "_direct_launch", [True])
+            monkeypatch.setattr(ipc_kernels, "_current_device", lambda: -1)
+            monkeypatch.setattr(ipc_kernels, "_no_launch_hooks", lambda: True)
+            block = min(1 << (half_words - 1).bit_length(), ipc_kernels.MAX_BLOCK_WORDS)
+            for copy in (True, False):
+                key = (-1, half_words, block, copy, True)
+                monkeypatch.setitem(ipc_kernels._compiled, key, launcher)
         reservation = RemoteReservation("r", 1, (8, 2, 3, 4, 0), 0, 10.0)
         created = len(log)
         session = t.open(reservation)
-        # Open: the digests zeroed (2 layers), nothing uploaded before the first send.
-        assert log[created:] == ["memset 16 B on send"]
+        assert log[created:] == []  # open only stages the decode ids (host memory)
         return t, remote, session, log
 
     return make
 
 
 @interpreted
+@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("mode", ["kernel", "memcpy"])
-def test_session_sends_after_the_compute_one_launch_per_layer(make_session, mode: str):  # noqa: ANN001
-    t, remote, session, log = make_session(mode)
+def test_session_sends_after_the_compute_one_launch_per_layer(make_session, mode: str,  # noqa: ANN001
+                                                              direct: bool):  # fmt: skip
+    t, remote, session, log = make_session(mode, direct)
     opened = len(log)
     local = [5, 6, 7, 1, 2]  # dst 8, 2, 3, 4, 0: runs (5,8,1) (6,2,2) (1,4,1) (2,0,1)
     for layer in range(2):
@@ -295,17 +346,15 @@ def test_session_sends_after_the_compute_one_launch_per_layer(make_session, mode
     half = t.half_block_bytes
     queued = [f"copy {half}x2", f"copy {2 * half}x2", f"copy {half}x2", f"copy {half}x2",
               "launch digest layers [0]"] if mode == "memcpy" else ["launch copy layers [0]"]  # fmt: skip
-    assert log[: 6 + len(queued)] == [
-        "memcpy 20 B on up",  # local ids, then decode ids: once for both layers, slot 0,
-        "memcpy 20 B on up",
-        "record e1 on up",
-        "send waits e1",  # which the send stream waits for
-        "record e0 on compute",  # after the layer's compute, on the caller's stream
-        "send waits e0",  # the send stream waits for it, then:
+    assert log[: 3 + len(queued)] == [
+        "memcpy 56 B on send",  # the slot (ids 2 x 5, digests 2 x 2 words): once for both
+        # layers, on the send stream
+        "record e1 on compute",  # after the layer's compute, on the caller's stream
+        "send waits e1",  # the send stream waits for it, then:
         *queued,  # kernel: one launch; memcpy: one pitched copy per run + a digest launch
     ]
-    assert log[6 + len(queued) : 8 + len(queued)] == ["record e0 on compute", "send waits e0"]
-    assert log[-4:] == ["memcpy 16 B on send", "new e3", "record e3 on send", "query e3"]
+    assert log[3 + len(queued) : 5 + len(queued)] == ["record e1 on compute", "send waits e1"]
+    assert log[-3:] == ["memcpy 16 B on send", "record e2 on send", "query e2"]  # digests down
     landed, sent_kv = remote[:, :, [8, 2, 3, 4, 0]], t.pool.cache[:, :, local]
     assert torch.equal(landed.view(torch.int16), sent_kv.view(torch.int16))  # NaN bit patterns
     assert sent.num_bytes == 5 * t.pool.layer_block_bytes * 2
@@ -315,47 +364,86 @@ def test_session_sends_after_the_compute_one_launch_per_layer(make_session, mode
         list(sent.layer_digests)
         == layer_digests_torch(remote, range(2), [8, 2, 3, 4, 0], 0).tolist()
     )
+    assert len(t.slots._free) == 1  # the slot went back
 
 
 @interpreted
-def test_session_whole_request_in_pieces_and_bad_ids(make_session):  # noqa: ANN001
-    t, remote, session, log = make_session("kernel")
+@pytest.mark.parametrize("direct", [False, True])
+def test_session_whole_request_in_pieces_and_bad_ids(make_session, direct: bool):  # noqa: ANN001
+    t, remote, session, log = make_session("kernel", direct)
     session.send_all_layers(0, [5, 6])
     session.send_all_layers(2, [11, 0, 9])
-    # The second block list: its 3 columns of both rows only, in slot 1.
-    assert log[-7:] == ["memcpy 12 B on up", "memcpy 12 B on up", "record e2 on up", "send waits e2",
-                        "record e0 on compute", "send waits e0", "launch copy layers [0, 1]"]  # fmt: skip
+    # The second block list: its 3 columns of the local row only.
+    assert log[-4:] == ["memcpy 12 B on send", "record e1 on compute", "send waits e1",
+                        "launch copy layers [0, 1]"]  # fmt: skip
     with pytest.raises(ValueError, match="beyond the reservation"):
         session.send_all_layers(4, [1, 2])
     with pytest.raises(ValueError, match="local block ids out of range"):
         session.send_layer(0, 4, [12])
+    with pytest.raises(ValueError, match="local block ids out of range"):
+        session.send_layer(0, 4, [-1])
+    with pytest.raises(ValueError, match="local block ids out of range"):
+        session.send_layer(0, 4, [2**40])
     with pytest.raises(ValueError, match="table index 1 sent from blocks 6 and 7"):
         session.send_layer(0, 1, [7])
+    session.send_layer(1, 1, [6, 11])  # the same blocks again at their indices: allowed
     sent = session.finish(5.0)
     assert torch.equal(remote[:, :, [8, 2, 3, 4, 0]].view(torch.int16),
                        t.pool.cache[:, :, [5, 6, 11, 0, 9]].view(torch.int16))  # fmt: skip
-    assert (
-        list(sent.layer_digests)
-        == layer_digests_torch(remote, range(2), [8, 2, 3, 4, 0], 0).tolist()
-    )
+    want = layer_digests_torch(remote, range(2), [8, 2, 3, 4, 0], 0)
+    want[1] += layer_digests_torch(remote, range(1, 2), [2, 3], 1)[0]  # sent twice: added twice
+    assert list(sent.layer_digests) == want.tolist()
+    # The slot goes to the next session, whose first copy zeroes the digests this one left.
+    slot = t.slots._free[-1]
+    again = t.open(RemoteReservation_("r2", (1, 5, 6)))
+    again.send_all_layers(
+        1, [3, 4]
+    )  # the first copy: words 1 .. 10 (2 x 3 ids, 2 x 2 digest words)
+    assert log[-4:] == ["memcpy 36 B on send", "record e1 on compute", "send waits e1",
+                        "launch copy layers [0, 1]"]  # fmt: skip
+    assert again._slot is slot
+    want = layer_digests_torch(t.pool.cache, range(2), [3, 4], 1).tolist()
+    assert list(again.finish(5.0).layer_digests) == want
+    assert torch.equal(remote[:, :, [5, 6]].view(torch.int16),
+                       t.pool.cache[:, :, [3, 4]].view(torch.int16))  # fmt: skip
+    with pytest.raises(TransferError):
+        again.finish(5.0)
+
+
+def RemoteReservation_(request_id: str, block_ids: tuple[int, ...]):  # noqa: ANN201, N802
+    from kv_transfer.client import RemoteReservation
+
+    return RemoteReservation(request_id, 1, block_ids, 0, 10.0)
 
 
 @interpreted
-def test_session_with_nothing_sent_finishes_with_the_zeros_uploaded_at_open(make_session):  # noqa: ANN001
+def test_session_with_nothing_sent_finishes_with_zero_digests_and_no_cuda_call(make_session):  # noqa: ANN001
     _, _, session, log = make_session("kernel")
     opened = len(log)
     sent = session.finish(5.0)
     assert sent.num_bytes == sent.num_chunks == 0 and sent.layer_digests == (0, 0)
-    assert log[opened:] == ["memcpy 16 B on send", "new e3", "record e3 on send", "query e3"]
+    assert log[opened:] == []  # nothing was queued: nothing to wait for
+
+
+@interpreted
+def test_bad_decode_ids_fail_the_open_and_keep_the_slot(make_session):  # noqa: ANN001
+    t, _, session, log = make_session("kernel")
+    session.abort()
+    logged = len(log)
+    for bad in ((1, 9), (-1,), (2**33,)):  # the decode pool has 9 blocks
+        with pytest.raises(ValueError, match="decode block ids out of range"):
+            t.open(RemoteReservation_("bad", bad))
+    assert log[logged:] == [] and len(t.slots._free) == 1 and t.slots.num_slots == 1
 
 
 @interpreted
 def test_session_abort_waits_for_queued_launches(make_session):  # noqa: ANN001
-    from kv_transfer.transport import TransferError
-
-    _, _, session, log = make_session("kernel")
+    t, _, session, log = make_session("kernel")
     session.send_all_layers(0, [5, 6])
     session.abort()
-    assert log[-3:] == ["new e3", "record e3 on send", "sync e3"]
+    assert log[-2:] == ["record e2 on send", "sync e2"]
+    assert len(t.slots._free) == 1
     with pytest.raises(TransferError):
         session.send_layer(0, 2, [7])
+    session.abort()  # again: nothing more to wait for
+    assert log[-1] == "sync e2" and len(t.slots._free) == 1
