@@ -216,6 +216,29 @@ def test_blocks_sent_in_pieces_and_prefix_skipped(prefill: Prefill):
     assert p.num_free_remote == NUM_DECODE_BLOCKS
 
 
+def test_sessions_in_flight_together_each_in_its_own_slot(prefill: Prefill):
+    """Three sessions open and sent before any finishes (each has its own slot: ids, digests
+    and events), finished in reverse order: every one lands exactly and commits."""
+    from engine.sampling_params import SamplingParams
+    from kv_transfer.wire import KVLayout
+
+    p = prefill
+    layout = KVLayout.of_pool(p.pool)
+    locals_ = [[7, 3, 60], list(range(20, 28)), [79, 0]]
+    rs = [p.client.reserve(f"together{i}", [3] * (len(ids) * BS - 5), SamplingParams(max_tokens=2),
+                           layout) for i, ids in enumerate(locals_)]  # fmt: skip
+    assert [len(r.block_ids) for r in rs] == [len(ids) for ids in locals_]
+    sessions = [p.transport.open(r) for r in rs]
+    for session, ids in zip(sessions, locals_, strict=True):
+        session.send_all_layers(0, ids)
+    sents = [session.finish(30) for session in reversed(sessions)][::-1]
+    assert p.transport.slots.num_slots >= 3
+    for r, ids, sent in zip(rs, locals_, sents, strict=True):
+        assert landed_equals_sent(p, range(p.pool.num_layers), ids, r.block_ids)
+        p.client.commit(r, 1, list(range(p.pool.num_layers)), list(sent.layer_digests))
+    assert p.num_free_remote == NUM_DECODE_BLOCKS
+
+
 def corrupt_one_word(transport: object, layer: int, remote_block: int) -> None:
     """Add 1 to the first K word of one decode block, through the mapping."""
     from kv_transfer.ipc_kernels import launch_blocks
