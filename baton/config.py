@@ -84,6 +84,11 @@ class RoutingConfig:
     local_prefill_max_tokens: int = 64
     # conditional: the policy that places the requests it does not keep local.
     inner_policy: PolicyName = PolicyName.PREFIX_AWARE
+    # conditional: also prefill on the decode worker when the chosen prefill worker already
+    # has at least this many prompt tokens waiting or being prefilled (router's count) and
+    # the decode worker has no local prefill pending: the prefill tier is backed up and the
+    # decode GPU has compute to spare (NVIDIA Dynamo's rule). 0: off.
+    max_prefill_queue_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.balance_abs_threshold < 0:
@@ -92,6 +97,8 @@ class RoutingConfig:
             raise ValueError("cluster.routing.balance_rel_threshold must be >= 1.0")
         if self.local_prefill_max_tokens < 0:
             raise ValueError("cluster.routing.local_prefill_max_tokens must be >= 0")
+        if self.max_prefill_queue_tokens < 0:
+            raise ValueError("cluster.routing.max_prefill_queue_tokens must be >= 0")
         if self.inner_policy is PolicyName.CONDITIONAL:
             raise ValueError("cluster.routing.inner_policy cannot be conditional itself")
 

@@ -233,6 +233,14 @@ def figures_for(
     for suffix, ratio in ratios.items():
         name = f"{prefix}_{suffix}"
         figures += _named(name, ratio, TARGETS.get(name, "report"), missing)
+    if comp.kind is Kind.PAIR:  # further subjects against the same baseline: reported
+        for spec in comp.configs[2:]:
+            other = files[spec.label]
+            for suffix, ratio in (
+                ("goodput_ratio", goodput_ratio(other, baseline)),
+                ("tpot_p90_ratio", tpot_p90_ratio(other, baseline, slo.ttft_ms)),
+            ):
+                figures += _named(f"{prefix}_{spec.key}_{suffix}", ratio, "report", missing)
     return figures
 
 

@@ -116,6 +116,22 @@ def gpu_comparisons() -> dict[str, Comparison]:
     p1d1 = ConfigSpec("disagg-1p1d", "cluster_configs/gpu-1p1d.yaml", key="1p1d")
     colocated = ConfigSpec("colocated-2", "cluster_configs/gpu-colocated.yaml", key="colocated")
     no_cache = ConfigSpec("disagg-1p1d-nocache", p1d1.base, NO_PREFIX_CACHE, key="1p1d_nocache")
+    # 1P1D that prefills on the decode GPU while the prefill worker is a full step behind
+    # (4 prompts of 2k): reported beside the pure split, not instead of it.
+    conditional = ConfigSpec(
+        "disagg-1p1d-conditional",
+        p1d1.base,
+        {
+            "cluster": {
+                "routing": {
+                    "policy": "conditional",
+                    "inner_policy": "least_loaded",
+                    "max_prefill_queue_tokens": 8192,
+                }
+            }
+        },  # fmt: skip
+        key="1p1d_conditional",
+    )
     # gpu-2p2d.yaml leaves the per-role engine limits at their defaults and routes by
     # prefix: give every split 1P3D/3P1D's limits and least-loaded routing, so that only the
     # split differs (2P2D under prefix_aware routing measured TPOT p90 25 ms at 24 req/s,
@@ -140,7 +156,7 @@ def gpu_comparisons() -> dict[str, Comparison]:
             kind=Kind.PAIR,
             workload=prefill_heavy,
             rates_rps=(8, 12, 16, 20, 24, 28),
-            configs=(p1d1, colocated),
+            configs=(p1d1, colocated, conditional),
             num_gpus=2,
             tail_s=6.0,  # 256 decode steps of up to ~20 ms
             max_run_s=35.0,

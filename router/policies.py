@@ -12,8 +12,9 @@ conditional policy keeping a short prompt local).
                    (SGLang's cache-aware rule: load > least + abs AND load > least * rel),
                    then least_loaded; on both tiers (a decode-side hit is not transferred)
     conditional    decode worker by the inner policy; prefill there when at most
-                   `local_prefill_max_tokens` of the prompt are not in its prefix cache,
-                   else the inner policy's prefill worker
+                   `local_prefill_max_tokens` of the prompt are not in its prefix cache, or
+                   when the inner policy's prefill worker has `max_prefill_queue_tokens`
+                   pending and the decode worker none; else the inner policy's prefill worker
 
 Policies are pure (no I/O) and deterministic given the views, so tests assert exact choices.
 """
@@ -36,6 +37,9 @@ class WorkerView:
     num_free_blocks: int = 0
     prefix_match_tokens: int = 0  # prompt tokens the router expects the worker to hold
     healthy: bool = True
+    # prompt tokens the router sent there to prefill that are not prefilled yet (exact: the
+    # router's own count, not the polled load)
+    pending_prefill_tokens: int = 0
 
     @property
     def load(self) -> int:
@@ -147,6 +151,11 @@ class Conditional(RoutingPolicy):
         uncached = query.num_prompt_tokens - d.prefix_match_tokens
         if uncached <= self.config.local_prefill_max_tokens:
             return Route(route.decode, None)
+        backlog = self.config.max_prefill_queue_tokens
+        if backlog and route.prefill is not None and d.pending_prefill_tokens == 0:
+            p = next(v for v in prefill if v.index == route.prefill)
+            if p.pending_prefill_tokens >= backlog:
+                return Route(route.decode, None)
         return route
 
 

@@ -101,6 +101,7 @@ class WorkerSlot:
     prefix: PrefixIndex
     load: WorkerLoad | None = None
     in_flight: int = 0
+    pending_prefill_tokens: int = 0  # sent here to prefill, first token not back yet
     healthy: bool = True
     detail: str = ""
     silent_probes: int = 0  # load reports in a row that timed out
@@ -115,6 +116,7 @@ class WorkerSlot:
             num_free_blocks=load.num_free_blocks if load else 0,
             prefix_match_tokens=prefix_match_tokens,
             healthy=self.healthy,
+            pending_prefill_tokens=self.pending_prefill_tokens,
         )
 
 
@@ -143,6 +145,14 @@ class _Flight:
     num_resumed: int = 0  # len(delivered) when the current attempt started
     num_attempts: int = 0
     stream: TokenStream | None = None  # the current attempt's, once opened
+    # the worker prefilling the current attempt and the prompt tokens counted on it
+    prefilling: tuple[WorkerSlot, int] | None = None
+
+    def prefill_done(self) -> None:
+        if self.prefilling is not None:
+            slot, num_tokens = self.prefilling
+            slot.pending_prefill_tokens -= num_tokens
+            self.prefilling = None
 
     def new_attempt(self) -> None:
         self.num_attempts += 1
@@ -330,6 +340,11 @@ class Router:
             if slot is not None:
                 slot.in_flight += 1
                 slot.prefix.insert(hashes)
+        views = pviews if p is not None else dviews
+        prefiller = p if p is not None else d
+        uncached = max(len(prompt) - views[prefiller.index].prefix_match_tokens, 1)
+        prefiller.pending_prefill_tokens += uncached
+        f.prefilling = (prefiller, uncached)
         return d, p
 
     async def generate(
@@ -370,6 +385,7 @@ class Router:
             except AttemptFailed as e:
                 failure = e
             finally:
+                f.prefill_done()
                 if f.stream is not None:
                     f.stream.close()
                     f.stream = None
@@ -445,6 +461,8 @@ class Router:
                 result = await asyncio.wait_for(pclient.prefill(task), f.remaining_s())
             except WorkerUnavailable as e:
                 raise AttemptFailed(f"prefill worker {pclient.name}: {e}", (p, d)) from e
+            finally:
+                f.prefill_done()
             if result.status is not PrefillStatus.COMMITTED:
                 detail = f"prefill on {pclient.name}: {result.detail}"
                 if result.code in _RETRYABLE_PREFILL_CODES:
@@ -465,6 +483,8 @@ class Router:
             except (WorkerUnavailable, StreamEnded) as e:
                 raise AttemptFailed(f"decode worker {dclient.name}: {e}", (d,)) from e
             resp = self._response(r.request_id, chunk)
+            if chunk.token_ids:
+                f.prefill_done()  # a local prefill ends with its first token
             if not t.ttft_ms and chunk.token_ids:
                 t.decode_queue_ms = chunk.decode_queue_s * 1e3
                 t.ttft_ms = (time.monotonic() - f.arrival_s) * 1e3

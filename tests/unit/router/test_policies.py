@@ -93,6 +93,32 @@ def test_conditional_keeps_short_uncached_prompts_on_the_decode_worker() -> None
     assert cond.choose(RouteQuery(32), p, views({})) == Route(0, None)
 
 
+def test_conditional_prefills_locally_when_the_prefill_tier_is_backed_up() -> None:
+    cond = Conditional(
+        RoutingConfig(
+            local_prefill_max_tokens=0,
+            inner_policy=PolicyName.LEAST_LOADED,
+            max_prefill_queue_tokens=4096,
+        )
+    )
+    d = views({})
+    # P0 has less than the backlog pending: disaggregate.
+    assert cond.choose(Q, views({"pending_prefill_tokens": 4095}), d) == Route(0, 0)
+    # At the backlog: prefill on the decode worker, which has nothing pending.
+    assert cond.choose(Q, views({"pending_prefill_tokens": 4096}), d) == Route(0, None)
+    # ... unless the decode worker already has a local prefill pending.
+    busy_d = views({"pending_prefill_tokens": 1})
+    assert cond.choose(Q, views({"pending_prefill_tokens": 9999}), busy_d) == Route(0, 0)
+    # The backlog is the inner policy's chosen prefill worker's, not the tier's worst.
+    p = views({"pending_prefill_tokens": 9999, "in_flight": 5}, {"pending_prefill_tokens": 10})
+    assert cond.choose(Q, p, d) == Route(0, 1)
+    # 0: the rule is off.
+    off = Conditional(
+        RoutingConfig(local_prefill_max_tokens=0, inner_policy=PolicyName.LEAST_LOADED)
+    )
+    assert off.choose(Q, views({"pending_prefill_tokens": 10**6}), d) == Route(0, 0)
+
+
 def test_make_policy_by_name() -> None:
     for name, cls in (
         (PolicyName.ROUND_ROBIN, RoundRobin),

@@ -47,6 +47,7 @@ def make_setup() -> Iterator[Callable[..., Setup]]:
         policy: PolicyName = PolicyName.ROUND_ROBIN,
         limits: Limits | None = None,
         auth_token: str | None = None,
+        max_prefill_queue_tokens: int = 0,
     ) -> Setup:
         holder: dict[str, list] = {}
 
@@ -57,7 +58,13 @@ def make_setup() -> Iterator[Callable[..., Setup]]:
             holder["d"], holder["p"] = d, p
             return Router(
                 mode=ClusterMode.DISAGGREGATED,
-                policy=make_policy(RoutingConfig(policy=policy, local_prefill_max_tokens=4)),
+                policy=make_policy(
+                    RoutingConfig(
+                        policy=policy,
+                        local_prefill_max_tokens=4,
+                        max_prefill_queue_tokens=max_prefill_queue_tokens,
+                    )
+                ),
                 prefill=p,
                 decode=d,
                 tokenizer=ByteTokenizer(),
@@ -240,6 +247,33 @@ def test_conditional_policy_prefills_short_prompts_on_the_decode_worker(
     assert long.timings.mode == "disaggregated"
     assert sum(len(d.local) for d in s.decode) == 1
     assert len(s.prefill[0].tasks) == 1
+
+
+def test_conditional_policy_prefills_locally_while_the_prefill_worker_is_backed_up(
+    make_setup: Callable[..., Setup],
+) -> None:
+    s = make_setup(policy=PolicyName.CONDITIONAL, prefill_delay_s=0.5, max_prefill_queue_tokens=8)
+    results: dict[int, object] = {}
+
+    def one(i: int) -> None:
+        with BatonClient(s.address) as c:
+            results[i] = c.generate("abcdefgh", max_tokens=2)  # 9 tokens, > 4: not short
+
+    threads = []
+    for i in range(3):
+        threads.append(threading.Thread(target=one, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.1)  # in order: the first reaches the prefill worker before the others
+    for t in threads:
+        t.join(30)
+    modes = [results[i].timings.mode for i in range(3)]  # type: ignore[attr-defined]
+    # The first goes to P (nothing pending); P then has 9 tokens pending >= 8, so the next
+    # ones prefill on a decode worker with no local prefill of its own pending.
+    assert modes[0] == "disaggregated" and "decode_local" in modes[1:], modes
+    assert len(s.prefill[0].tasks) + sum(len(d.local) for d in s.decode) == 3
+    router = s.server.router
+    wait_until(lambda: router.num_in_flight == 0)
+    assert [w.pending_prefill_tokens for w in router.prefill + router.decode] == [0, 0, 0]
 
 
 def test_many_concurrent_streams(make_setup: Callable[..., Setup]) -> None:
