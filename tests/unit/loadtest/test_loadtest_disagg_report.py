@@ -84,6 +84,7 @@ def test_plan_starts_each_configuration_once_with_every_sweep_that_uses_it(
     assert [(p.spec.label, [s.name for s in p.sweeps], p.num_workers) for p in planned] == [
         ("disagg-1p1d", ["interference", "decode-heavy", "prefix-cache"], 2),
         ("colocated-2", ["interference", "decode-heavy"], 2),
+        ("disagg-1p1d-conditional", ["interference"], 2),
         ("disagg-1p1d-nocache", ["prefix-cache"], 2),
     ]
     sweep = planned[1].sweeps[0]
@@ -91,6 +92,8 @@ def test_plan_starts_each_configuration_once_with_every_sweep_that_uses_it(
     assert (sweep.seed, sweep.rates_rps, sweep.slo) == (3, (8, 12, 16, 20, 24, 28), LOOSE)
     nocache = (tmp_path / "configs" / "disagg-1p1d-nocache.yaml").read_text()
     assert "enable_prefix_caching: false" in nocache
+    conditional = (tmp_path / "configs" / "disagg-1p1d-conditional.yaml").read_text()
+    assert "max_prefill_queue_tokens: 8192" in conditional
 
 
 def test_settings_go_into_every_configuration(tmp_path: Path) -> None:
