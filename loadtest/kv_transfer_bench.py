@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import threading
@@ -94,7 +95,8 @@ def _cpu_receiver(num_blocks: int, conn) -> None:  # noqa: ANN001
 
     Commands on `conn`: ("digests", request_id) -> per-layer xxh3 of the committed blocks;
     ("release", request_id) -> free blocks after releasing; ("bare_bytes", None) -> bytes
-    the bare sink received since the last ask; ("stop", None).
+    the bare sink received since the last ask; ("usage", None) -> `process_usage()`;
+    ("stop", None).
     """
     torch.set_num_threads(1)
     pool = make_pool(num_blocks, "cpu", fill=False)
@@ -115,18 +117,22 @@ def _cpu_receiver(num_blocks: int, conn) -> None:  # noqa: ANN001
         elif cmd == "bare_bytes":
             conn.send(received[0])
             received[0] = 0
-        elif cmd == "cpu_s":
-            conn.send(process_cpu_s())
+        elif cmd == "usage":
+            conn.send(process_usage())
         else:
             break
     kv_server.stop()
     bare_server.stop(0)
 
 
-def process_cpu_s() -> float:
-    """CPU time of this process so far, every thread, user and system."""
-    t = os.times()
-    return t.user + t.system
+def process_usage() -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of this process so far, every thread; CPU is user
+    plus system time."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime, u.ru_minflt
+
+
+SIDES = ("sender", "receiver")
 
 
 def layer_digest(pool: KVPool, layer_idx: int, block_ids: list[int]) -> int:
@@ -168,22 +174,28 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
         bare_call = channel.stream_unary("/bench.Bare/Sink")
         prompt = [1] * (num_blocks * BS)
 
-        def both_cpu_s() -> float:
-            conn.send(("cpu_s", None))
-            return process_cpu_s() + conn.recv()
+        def usage() -> dict[str, tuple[float, int]]:
+            conn.send(("usage", None))
+            return {"sender": process_usage(), "receiver": conn.recv()}
+
+        def record_usage(kind: str, before: dict[str, tuple[float, int]]) -> None:
+            after = usage()
+            for side in SIDES:
+                cpu_s[kind][side].append(after[side][0] - before[side][0])
+                faults[kind][side].append(after[side][1] - before[side][1])
 
         def bare_s() -> float:
-            cpu0 = both_cpu_s()
+            before = usage()
             t0 = time.perf_counter()
             bare_call(iter(payloads), timeout=120)
             elapsed = time.perf_counter() - t0
-            cpu_s["bare"].append(both_cpu_s() - cpu0)
+            record_usage("bare", before)
             conn.send(("bare_bytes", None))
             assert conn.recv() == num_bytes
             return elapsed
 
         def path_s(request_id: str, check: bool = False) -> float:
-            cpu0 = both_cpu_s()
+            before = usage()
             t0 = time.perf_counter()
             r = client.reserve(request_id, prompt, GREEDY, layout)
             session = transport.open(r)
@@ -191,7 +203,7 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
             sent = session.finish(120)
             client.commit(r, 1)
             elapsed = time.perf_counter() - t0
-            cpu_s["path"].append(both_cpu_s() - cpu0)
+            record_usage("path", before)
             assert sent.num_bytes == num_bytes
             if check:  # the bytes that landed are the bytes sent, layer by layer
                 conn.send(("digests", request_id))
@@ -201,10 +213,19 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
             assert conn.recv() == num_blocks + 1, "receiver leaked blocks"
             return elapsed
 
-        cpu_s: dict[str, list[float]] = {"bare": [], "path": []}  # both processes, per trial
+        # per trial: cpu_s[kind][side], faults[kind][side] (kind: bare or path)
+        cpu_s: dict[str, dict[str, list[float]]] = {}
+        faults: dict[str, dict[str, list[int]]] = {}
+
+        def reset_usage() -> None:
+            for kind in ("bare", "path"):
+                cpu_s[kind] = {side: [] for side in SIDES}
+                faults[kind] = {side: [] for side in SIDES}
+
+        reset_usage()
         bare_s()  # warm-up: connections, thread pools, page faults
         path_s("warm-up", check=True)
-        cpu_s = {"bare": [], "path": []}
+        reset_usage()
         bare_times, path_times = [], []
         for trial in range(trials):  # alternate, and alternate which goes first
             if trial % 2 == 0:
@@ -223,8 +244,28 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
     ratios = [b / p for b, p in zip(bare_times, path_times, strict=True)]
     log.info("cpu: bytes %d, bare s %s, path s %s", num_bytes, bare_times, path_times)
     log.info("cpu: per-trial ratios %s", [round(r, 3) for r in ratios])
-    log.info("cpu: CPU seconds of both processes, bare %s, path %s", cpu_s["bare"], cpu_s["path"])
-    cpu_per_gb = {k: statistics.median(v) / (num_bytes / 1e9) for k, v in cpu_s.items()}
+    log.info("cpu: CPU seconds per process and trial %s", cpu_s)
+    log.info("cpu: minor page faults per process and trial %s", faults)
+    gb = num_bytes / 1e9
+    both_cpu_s = {
+        kind: [s + r for s, r in zip(v["sender"], v["receiver"], strict=True)]
+        for kind, v in cpu_s.items()
+    }
+    cpu_per_gb = {kind: statistics.median(v) / gb for kind, v in both_cpu_s.items()}
+    per_side = [
+        {
+            "name": f"kv.{name}_{side}_{what}_per_gb",
+            "value": statistics.median(table[kind][side]) / gb,
+            "unit": unit,
+            "trials": table[kind][side],
+        }
+        for kind, name in (("path", "grpc_path"), ("bare", "bare_grpc_stream"))
+        for what, unit, table in (
+            ("cpu_s", "CPU-s/GB", cpu_s),
+            ("page_faults", "faults/GB", faults),
+        )
+        for side in SIDES
+    ]
     return [
         {
             "name": "kv.grpc_path_gbps",
@@ -257,6 +298,7 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
             "value": cpu_per_gb["bare"],
             "unit": "CPU-s/GB",
         },
+        *per_side,  # medians per process; trials raw (seconds, faults)
     ]
 
 
