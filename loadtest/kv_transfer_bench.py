@@ -5,6 +5,8 @@
           bytes between the same two processes (raw bytes, no serializer, 4 MiB messages,
           the same message-size limits, client streaming, a server that only counts),
           trials alternating. Figure: kv.grpc_vs_bare_stream (median of per-trial ratios).
+          With --keep-freed-memory both processes first apply kv_transfer.allocator's malloc
+          settings (both sides of the comparison alike).
   --gpu   2 GPUs of one host: the GPU tests, then the same-host CUDA IPC path against a
           plain cuda:0 -> cuda:1 copy, then layer-wise streaming from a real 2k-token
           prefill (see kv_transfer_bench_gpu.py).
@@ -13,6 +15,7 @@ Prints a short table last; writes kv_transfer_{cpu,gpu}.json (figures, date, com
 command, device) and .log to --out-dir.
 
     python -m loadtest.kv_transfer_bench --cpu --trials 9 --out-dir results
+    python -m loadtest.kv_transfer_bench --cpu --keep-freed-memory --out-dir results
     python -m loadtest.kv_transfer_bench --gpu --out-dir $OUT
 """
 
@@ -37,6 +40,7 @@ import torch
 from engine.kv_pool import KVPool
 from engine.presets import preset
 from engine.sampling_params import SamplingParams
+from kv_transfer.allocator import keep_freed_memory
 from kv_transfer.client import ClientConfig, KVTransferClient
 from kv_transfer.server import ServerConfig, start_server
 from kv_transfer.sink import PoolSink
@@ -90,7 +94,7 @@ def _bare_server(max_message_bytes: int, received: list[int]) -> tuple[grpc.Serv
     return server, port
 
 
-def _cpu_receiver(num_blocks: int, conn) -> None:  # noqa: ANN001
+def _cpu_receiver(num_blocks: int, keep_memory: bool, conn) -> None:  # noqa: ANN001
     """The receiving process: a KV-transfer server over a bare pool and a bare byte sink.
 
     Commands on `conn`: ("digests", request_id) -> per-layer xxh3 of the committed blocks;
@@ -98,6 +102,8 @@ def _cpu_receiver(num_blocks: int, conn) -> None:  # noqa: ANN001
     the bare sink received since the last ask; ("usage", None) -> `process_usage()`;
     ("stop", None).
     """
+    if keep_memory:
+        assert keep_freed_memory()
     torch.set_num_threads(1)
     pool = make_pool(num_blocks, "cpu", fill=False)
     sink = PoolSink(pool)
@@ -139,7 +145,9 @@ def layer_digest(pool: KVPool, layer_idx: int, block_ids: list[int]) -> int:
     return checksum_of(kv_buffers(pool, layer_idx, block_ids))
 
 
-def run_cpu(total_mb: int, trials: int) -> list[dict]:
+def run_cpu(total_mb: int, trials: int, keep_memory: bool = False) -> list[dict]:
+    if keep_memory:
+        assert keep_freed_memory(), "--keep-freed-memory needs glibc"
     # One intra-op thread in both processes: with 2 cores, torch's parallel copies fight
     # gRPC's threads (a 4 MiB slice copy took 15 ms with 2 threads, 0.6 ms with 1).
     torch.set_num_threads(1)
@@ -157,7 +165,9 @@ def run_cpu(total_mb: int, trials: int) -> list[dict]:
     num_bytes = sum(len(p) for p in payloads)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    proc = ctx.Process(target=_cpu_receiver, args=(num_blocks + 1, child_conn), daemon=True)
+    proc = ctx.Process(
+        target=_cpu_receiver, args=(num_blocks + 1, keep_memory, child_conn), daemon=True
+    )
     proc.start()
     try:
         kv_port, bare_port = conn.recv()
@@ -309,6 +319,11 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--cpu-mb", type=int, default=256)
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="--cpu: apply kv_transfer.allocator's malloc settings in both processes",
+    )
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
@@ -341,7 +356,8 @@ def main() -> None:
         results = run_gpu(args.trials, args.out_dir)
     else:
         run["device"] = f"CPU, {os.cpu_count()} cores"
-        results = run_cpu(args.cpu_mb, args.trials)
+        run["malloc"] = "kv_transfer.allocator settings" if args.keep_freed_memory else "default"
+        results = run_cpu(args.cpu_mb, args.trials, args.keep_freed_memory)
     log.info("run %s", run)
     out.write_text(json.dumps({"run": run, "results": results}, indent=2))
     print(f"\n{'figure':<44} {'value':>10}  unit   target")
