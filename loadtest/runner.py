@@ -28,7 +28,7 @@ import itertools
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -47,6 +47,9 @@ class RunOptions:
     max_inflight: int = 1024
     progress: bool = True
     request_id_prefix: str = "bench"
+    # open loop: called once with the run's clock (s) when the last request has been sent,
+    # before the run waits for the answers (a sweep reads the workers' counters here)
+    on_all_sent: Callable[[float], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.request_timeout_s > 0 or not self.max_duration_s > 0:
@@ -297,6 +300,8 @@ def _dispatch_open_loop(state: _Run, due_times_s: Any) -> int:
         thread = threading.Thread(target=drive_and_release, args=(index, due_s), daemon=True)
         thread.start()
         threads.append((index, due_s, thread))
+    if options.on_all_sent is not None:
+        options.on_all_sent(state.now_s())
     _join(state, threads)
     return len(threads)
 

@@ -25,6 +25,7 @@ same arrival seed at the same rate index, so two configurations see identical tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -199,16 +200,22 @@ def run_sweep(target: Target, sweep: SweepSpec, label: str, budget: Budget, note
             break
         dataset = sweep.workload.dataset(rate, sweep.seed)
         tag = f"{sweep.name}-{label}-{i}-{uuid.uuid4().hex[:6]}"
+        all_sent: dict[str, object] = {}  # the workers' counters when the last request went
         options = RunOptions(
             request_timeout_s=sweep.request_timeout_s,
             max_duration_s=max(1.0, min(sweep.max_run_s, budget.remaining_s())),
             progress=False,
             request_id_prefix=tag,
+            on_all_sent=functools.partial(_read_steps, target, all_sent),
         )
         arrival = OpenLoop(rate, 1.0, sweep.seed + i)
         steps_before = target.worker_steps()
         raw = run(target, salted(dataset.generate(), tag), arrival, options)
         steps = step_deltas(steps_before, target.worker_steps(), raw.duration_s)
+        if all_sent:  # "busy" over the whole run includes the tail after the last arrival
+            sending = step_deltas(steps_before, all_sent["steps"], all_sent["at_s"])  # type: ignore[arg-type]
+            for worker, d in steps.items():
+                d["busy_while_sending"] = sending.get(worker, {}).get("busy", 0.0)
         result = build_result(
             raw, dataset.describe(), described | {"worker_steps": steps}, sweep.slo
         )
@@ -222,6 +229,7 @@ def run_sweep(target: Target, sweep: SweepSpec, label: str, budget: Budget, note
             f"{_p90(s.tpot)} ms, {s.output_throughput_tps:.0f} out tok/s"
             + "".join(
                 f"; {w} {d['step_ms']:.1f} ms x {d['rows']:.0f} rows, busy {100 * d['busy']:.0f}%"
+                f" ({100 * d.get('busy_while_sending', 0):.0f}% while sending)"
                 for w, d in steps.items()
             )  # fmt: skip
         )
@@ -280,3 +288,7 @@ def run_config_sweeps(
         return False
     notes.add(f"{label}: stopped ({budget.elapsed_s() - started_s:.1f} s in all)")
     return True
+
+
+def _read_steps(target: Target, into: dict[str, object], at_s: float) -> None:
+    into.update(at_s=at_s, steps=target.worker_steps())

@@ -119,6 +119,16 @@ def test_request_deadline_fails_slow_requests_in_bounded_time() -> None:
     assert {r.error_code for r in raw.records} == {"DEADLINE_EXCEEDED"}
 
 
+def test_on_all_sent_is_called_once_after_the_last_send_before_the_answers() -> None:
+    requests = RandomDataset(10, input_len=4, output_len=20, seed=0).generate()
+    calls: list[float] = []
+    options = RunOptions(progress=False, request_timeout_s=5.0, on_all_sent=calls.append)
+    raw = run(FakeTarget(FakeTargetConfig(itl_s=0.005)), requests, OpenLoop(200.0, math.inf),
+              options)  # fmt: skip
+    [at_s] = calls
+    assert max(r.due_s for r in raw.records) <= at_s < raw.duration_s
+
+
 def test_time_limit_stops_sending_and_bounds_the_run() -> None:
     requests = RandomDataset(50, input_len=4, output_len=2, seed=0).generate()
     options = RunOptions(progress=False, request_timeout_s=5.0, max_duration_s=0.3)
