@@ -30,6 +30,7 @@ class GenerateResult:
     usage: pb.Usage = field(default_factory=pb.Usage)
     timings: pb.Timings = field(default_factory=pb.Timings)
     num_messages: int = 0
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)  # when asked for
 
 
 def finish_reason_name(value: int) -> str:
@@ -49,6 +50,7 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     cache_salt: str = "",
+    logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     sampling = pb.Sampling(
         stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos
@@ -59,6 +61,7 @@ def build_request(
         ("top_p", top_p),
         ("top_k", top_k),
         ("seed", seed),
+        ("logprobs", logprobs),
     ):
         if value is not None:
             setattr(sampling, name, value)
@@ -106,6 +109,7 @@ class BatonClient:
         for resp in self.generate_stream(prompt, **kwargs):
             result.request_id = resp.request_id
             result.token_ids.extend(resp.token_ids)
+            result.logprobs.extend(resp.logprobs)
             result.text += resp.text
             result.num_messages += 1
             if resp.finish_reason:

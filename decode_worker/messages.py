@@ -70,6 +70,9 @@ class TokenChunk:
     num_output_tokens: int
     decode_queue_s: float = 0.0
     error: str = ""  # set when the stream ends without the request finishing (abort, deadline)
+    # when the request asked for logprobs: per token, (its logprob, ((token id, logprob), ...)
+    # of the best alternatives, best first)
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
 
     def then(self, later: TokenChunk) -> TokenChunk:
         """This chunk and the request's next one as one chunk."""
@@ -84,6 +87,7 @@ class TokenChunk:
             num_output_tokens=later.num_output_tokens,
             decode_queue_s=self.decode_queue_s or later.decode_queue_s,
             error=later.error,
+            logprobs=self.logprobs + later.logprobs,
         )
 
 

@@ -203,6 +203,7 @@ class OutputStreams:
             num_output_tokens=last.num_output_tokens if last else 0,
             decode_queue_s=queue_s,
             error="" if finished else s.closed_error,
+            logprobs=tuple((lp.logprob, lp.top) for o in outs for lp in o.logprobs),
         )
 
     def drop_orphans(self) -> list[str]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from decode_worker.messages import WorkerLoad, WorkerRole
 from decode_worker.streams import OutputStreams
 from engine.engine import Engine, RequestOutput
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.lease import LeaseState
 from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server
@@ -60,8 +61,10 @@ class _WakingSink(EngineSink):
         super().__init__(engine)
         self._worker = worker
 
-    def commit(self, request_id: str, first_token_id: int) -> None:
-        super().commit(request_id, first_token_id)
+    def commit(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> None:
+        super().commit(request_id, first_token_id, logprobs)
         self._worker.streams.mark_start(request_id)
         with self.lock:
             if request_id in self._worker._aborted:

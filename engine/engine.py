@@ -469,8 +469,11 @@ class Engine:
         self._reserved[request_id] = _Request(seq, self._detokenizer(seq.token_ids), False)
         return Reservation(request_id, list(seq.block_table), seq.num_computed_tokens)
 
-    def commit(self, request_id: str, first_token_id: int) -> RequestOutput:
-        """The reserved blocks now hold the prompt's KV; decode from first_token_id on."""
+    def commit(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> RequestOutput:
+        """The reserved blocks now hold the prompt's KV; decode from first_token_id on
+        (`logprobs`: the first token's, computed where it was sampled)."""
         req = self._reserved.pop(request_id)
         seq = req.seq
         if not 0 <= first_token_id < self.config.model.vocab_size:
@@ -481,7 +484,7 @@ class Engine:
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
         self._requests[request_id] = req
-        return self._append_token(req, first_token_id, None)
+        return self._append_token(req, first_token_id, logprobs)
 
     def cancel_reservation(self, request_id: str) -> bool:
         req = self._reserved.pop(request_id, None)

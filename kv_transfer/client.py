@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.wire import (
     DEFAULT_CHUNK_BYTES,
@@ -161,9 +162,10 @@ class KVTransferClient:
         first_token_id: int,
         copied_layers: list[int] | None = None,
         layer_digests: list[int] | None = None,
+        first_token_logprobs: TokenLogprobs | None = None,
     ) -> pb.CommitResponse:
         return self.commit_future(
-            reservation, first_token_id, copied_layers, layer_digests
+            reservation, first_token_id, copied_layers, layer_digests, first_token_logprobs
         ).result()
 
     def commit_future(
@@ -172,8 +174,10 @@ class KVTransferClient:
         first_token_id: int,
         copied_layers: list[int] | None = None,
         layer_digests: list[int] | None = None,
+        first_token_logprobs: TokenLogprobs | None = None,
     ) -> grpc.Future:
         """`commit` without waiting (result: the CommitResponse; a failure raises from it)."""
+        lp = first_token_logprobs
         return self._stub.Commit.future(
             pb.CommitRequest(
                 request_id=reservation.request_id,
@@ -181,6 +185,13 @@ class KVTransferClient:
                 first_token_id=first_token_id,
                 copied_layers=copied_layers or [],
                 layer_digests=layer_digests or [],
+                first_token_logprobs=None
+                if lp is None
+                else pb.FirstTokenLogprobs(
+                    logprob=lp.logprob,
+                    top_token_ids=[t for t, _ in lp.top],
+                    top_logprobs=[x for _, x in lp.top],
+                ),
             ),
             timeout=self.config.rpc_timeout_s,
             metadata=self._metadata,

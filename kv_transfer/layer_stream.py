@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import grpc
 
 from engine.engine import Engine
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.client import KVTransferClient, RemoteReservation
 from kv_transfer.metrics import TransferRecord
@@ -218,6 +219,7 @@ class LayerStreamer:
         first_token_id: int,
         prefill_end_s: float,
         on_outcome: Callable[[TransferOutcome], None],
+        first_token_logprobs: TokenLogprobs | None = None,
     ) -> None:
         """End a streamed request whose prefill is done (call on the engine's thread): wait
         for its last bytes, release its local blocks, send Commit. `on_outcome` runs once
@@ -228,7 +230,11 @@ class LayerStreamer:
             sent = s.session.finish(self.finish_timeout_s)
             copied = list(range(self.layout.num_layers)) if sent.layer_digests else None
             commit = self.client.commit_future(
-                s.reservation, first_token_id, copied, list(sent.layer_digests)
+                s.reservation,
+                first_token_id,
+                copied,
+                list(sent.layer_digests),
+                first_token_logprobs,
             )
         except Exception as e:  # TransferError, grpc.RpcError, or a bug: never leak blocks
             detail = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError) else str(e)

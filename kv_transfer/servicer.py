@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
+from engine.sampler import TokenLogprobs
+from engine.sampling_params import MAX_LOGPROBS
 from kv_transfer import ipc_handle, ipc_plan
 from kv_transfer.chunk_writer import CHUNK_ERROR_CODES, ChunkWriter
 from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
@@ -205,6 +207,11 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                     grpc.StatusCode.NOT_FOUND,
                     f"reservation {lease.request_id!r} is {lease.state.value}",
                 )
+            try:
+                logprobs = first_token_logprobs(request)
+            except ValueError as e:
+                self.fail_lease(lease, str(e))
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             if request.copied_layers:  # same-host GPU path: nothing was streamed
                 problem = self._check_gpu_copy(lease, request)
                 if problem:
@@ -220,7 +227,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
             self.leases.end(lease, LeaseState.COMMITTED)
             try:
-                self.sink.commit(lease.request_id, int(request.first_token_id))
+                self.sink.commit(lease.request_id, int(request.first_token_id), logprobs)
             except ValueError as e:  # the engine freed the blocks already
                 lease.state = LeaseState.ABORTED
                 self.counters.add("transfers_failed")
@@ -291,3 +298,20 @@ class _StreamState:
     ended_ok: bool = False
     num_chunks: int = 0
     num_bytes: int = 0
+
+
+def first_token_logprobs(request: pb.CommitRequest) -> TokenLogprobs | None:
+    """The Commit's first-token logprobs, checked; ValueError names what is wrong."""
+    if not request.HasField("first_token_logprobs"):
+        return None
+    lp = request.first_token_logprobs
+    ids, values = list(lp.top_token_ids), list(lp.top_logprobs)
+    if len(ids) != len(values):
+        raise ValueError(f"first_token_logprobs: {len(ids)} top ids but {len(values)} logprobs")
+    if len(ids) > MAX_LOGPROBS:
+        raise ValueError(f"first_token_logprobs: {len(ids)} alternatives, at most {MAX_LOGPROBS}")
+    if any(t < 0 for t in ids) or not all(x <= 0.0 for x in [lp.logprob, *values]):
+        raise ValueError("first_token_logprobs: negative token id, or a logprob > 0 or NaN")
+    return TokenLogprobs(
+        int(request.first_token_id), lp.logprob, tuple(zip(ids, values, strict=True))
+    )

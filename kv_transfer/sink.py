@@ -22,6 +22,7 @@ import torch
 
 from engine.engine import Engine, PoolExhausted, RequestOutput
 from engine.kv_pool import KVPool
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.wire import KVLayout, write_kv
 
@@ -69,7 +70,9 @@ class KVSink(ABC):
         """kv: [2, len(block_ids), block_size, Hkv, D] on any device."""
 
     @abstractmethod
-    def commit(self, request_id: str, first_token_id: int) -> None: ...
+    def commit(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> None: ...
 
     @abstractmethod
     def cancel(self, request_id: str) -> None: ...
@@ -113,9 +116,11 @@ class EngineSink(KVSink):
     def write_blocks(self, layer_idx: int, block_ids: Sequence[int], kv: torch.Tensor) -> None:
         write_kv(self.engine.pool, layer_idx, block_ids, kv)
 
-    def commit(self, request_id: str, first_token_id: int) -> None:
+    def commit(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> None:
         with self.lock:
-            self.outputs.append(self.engine.commit(request_id, first_token_id))
+            self.outputs.append(self.engine.commit(request_id, first_token_id, logprobs))
 
     def cancel(self, request_id: str) -> None:
         with self.lock:
@@ -174,7 +179,9 @@ class PoolSink(KVSink):
     def write_blocks(self, layer_idx: int, block_ids: Sequence[int], kv: torch.Tensor) -> None:
         write_kv(self.pool, layer_idx, block_ids, kv)
 
-    def commit(self, request_id: str, first_token_id: int) -> None:
+    def commit(
+        self, request_id: str, first_token_id: int, logprobs: TokenLogprobs | None = None
+    ) -> None:
         with self._lock:
             blocks = self._reserved.pop(request_id)
             if self.release_on_commit:

@@ -422,7 +422,8 @@ class PrefillWorker:
             on_outcome = functools.partial(
                 self._committed, t, out.num_cached_tokens, first_step_s, end_s
             )
-            streamer.complete(rid, out.new_token_ids[0], end_perf, on_outcome)
+            first_logprobs = out.logprobs[0] if out.logprobs else None
+            streamer.complete(rid, out.new_token_ids[0], end_perf, on_outcome, first_logprobs)
         self._publish_load()
 
     def _committed(

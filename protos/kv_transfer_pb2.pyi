@@ -149,18 +149,30 @@ class StreamSummary(_message.Message):
     def __init__(self, num_chunks: _Optional[int] = ..., num_bytes: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("request_id", "epoch", "first_token_id", "copied_layers", "layer_digests")
+    __slots__ = ("request_id", "epoch", "first_token_id", "copied_layers", "layer_digests", "first_token_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     COPIED_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     first_token_id: int
     copied_layers: _containers.RepeatedScalarFieldContainer[int]
     layer_digests: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., first_token_id: _Optional[int] = ..., copied_layers: _Optional[_Iterable[int]] = ..., layer_digests: _Optional[_Iterable[int]] = ...) -> None: ...
+    first_token_logprobs: FirstTokenLogprobs
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., first_token_id: _Optional[int] = ..., copied_layers: _Optional[_Iterable[int]] = ..., layer_digests: _Optional[_Iterable[int]] = ..., first_token_logprobs: _Optional[_Union[FirstTokenLogprobs, _Mapping]] = ...) -> None: ...
+
+class FirstTokenLogprobs(_message.Message):
+    __slots__ = ("logprob", "top_token_ids", "top_logprobs")
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    logprob: float
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("num_bytes_received",)

@@ -522,12 +522,22 @@ class Router:
 
     @staticmethod
     def _response(request_id: str, chunk: TokenChunk) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
+        resp = pb.GenerateResponse(
             request_id=request_id,
             token_ids=list(chunk.token_ids),
             text=chunk.text,
             finish_reason=_FINISH.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
         )
+        if chunk.logprobs and len(chunk.logprobs) == len(chunk.token_ids):
+            resp.logprobs.extend(
+                pb.TokenLogprob(
+                    token_id=token,
+                    logprob=logprob,
+                    top=[pb.TopLogprob(token_id=t, logprob=x) for t, x in top],
+                )
+                for token, (logprob, top) in zip(chunk.token_ids, chunk.logprobs, strict=True)
+            )
+        return resp
 
     # ---- health and stats ----------------------------------------------------------------
 

@@ -231,6 +231,7 @@ def _sampling(
             stop=tuple(s.stop),
             include_stop_str_in_output=s.include_stop_str_in_output,
             ignore_eos=s.ignore_eos,
+            logprobs=s.logprobs if s.HasField("logprobs") else None,
         )
     except ValueError as e:
         raise _fail(f"sampling: {e}") from e

@@ -172,6 +172,54 @@ def test_disaggregated_equals_colocated_and_transformers(
     wait_all_blocks_free(colocated)
 
 
+def hf_greedy_logprobs(
+    model: Any, prompt: list[int], n: int, k: int
+) -> list[tuple[int, float, list[int]]]:
+    """Per generated token: (id, log_softmax of the raw logits at it, the k best ids)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    result = []
+    for token, logits in zip(out.sequences[0, len(prompt) :].tolist(), out.logits, strict=True):
+        logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        result.append((token, logprobs[token].item(), logprobs.topk(k).indices.tolist()))
+    return result
+
+
+@pytest.mark.parametrize("layout", ["disagg", "colocated"])
+def test_logprobs_equal_transformers(
+    clusters: Callable[[str], Cluster], checkpoint: tuple[Path, Any], layout: str
+) -> None:
+    """The first token's logprobs come from the prefill worker (through Commit when
+    disaggregated), the rest from the decode engine: all as transformers computes them."""
+    _, model = checkpoint
+    n, k = 6, 3
+    cluster = clusters(layout)
+    with BatonClient(cluster.address) as c:
+        for prompt in (PROMPTS[1], PROMPTS[2]):
+            r = c.generate(prompt, max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=k)
+            want = hf_greedy_logprobs(model, prompt, n, k)
+            assert r.token_ids == [t for t, _, _ in want]
+            assert [x.token_id for x in r.logprobs] == r.token_ids
+            for got, (_, logprob, top) in zip(r.logprobs, want, strict=True):
+                assert got.logprob == pytest.approx(logprob, abs=1e-4)
+                assert [t.token_id for t in got.top] == top
+                assert got.top[0].logprob == pytest.approx(got.logprob, abs=1e-6)  # greedy
+        plain = c.generate(PROMPTS[1], max_tokens=2, temperature=0.0, ignore_eos=True)
+        assert plain.logprobs == []  # only when asked for
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(PROMPTS[1], max_tokens=2, logprobs=21)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    wait_all_blocks_free(cluster)
+
+
 def test_burst_larger_than_the_decode_pool_waits_and_stays_exact(
     clusters: Callable[[str], Cluster], checkpoint: tuple[Path, Any]
 ) -> None:

@@ -24,6 +24,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.presets import preset
+from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.client import ClientConfig, KVTransferClient, RemoteReservation
 from kv_transfer.cuda_ipc import contiguous_runs, issue_copies, layer_digests, plan_copies
@@ -536,6 +537,34 @@ def test_commit_before_every_block_arrived_is_refused(decode: Decode):
         assert "before every block" in expect_status(
             grpc.StatusCode.FAILED_PRECONDITION, lambda: client.commit(r, 1)
         )
+
+
+def test_commit_carries_the_first_tokens_logprobs_and_refuses_malformed_ones(
+    decode: Decode, prefill: Engine
+):
+    blocks, first = prefill_held(prefill, "lp", PROMPT)
+    layout = KVLayout.of_pool(prefill.pool)
+    good = TokenLogprobs(first, -0.25, ((first, -0.25), (7, -1.5)))
+    with decode.client() as client:
+        # Malformed: two top ids, one logprob. Refused, and the reservation freed.
+        r = client.reserve("bad", PROMPT, GREEDY, layout)
+        send_all(client, prefill, r, blocks)
+        request = pb.CommitRequest(request_id=r.request_id, epoch=r.epoch, first_token_id=first,
+                                   first_token_logprobs=pb.FirstTokenLogprobs(
+                                       logprob=-0.25, top_token_ids=[1, 2], top_logprobs=[-1.0]))  # fmt: skip
+        assert "2 top ids but 1 logprobs" in expect_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda: client._stub.Commit(request, timeout=5, metadata=client._metadata),  # fmt: skip
+        )
+        assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
+        # Well formed: the decode engine's first output carries them.
+        r = client.reserve("lp", PROMPT, GREEDY, layout)
+        send_all(client, prefill, r, blocks)
+        client.commit(r, first, first_token_logprobs=good)
+    prefill.release("lp")
+    [out] = decode.sink.outputs
+    assert out.new_token_ids == [first] and out.logprobs == [good]
+    decode.run_to_completion()
 
 
 class MemmoveRuntime:

@@ -121,3 +121,20 @@ def test_unwatched_streams_expire_closed_ones_silently() -> None:
     s.watch("r", "b", 60.0)
     assert s.drop_orphans() == ["a"]
     assert len(s) == 1
+
+
+def test_logprobs_follow_their_tokens_through_coalescing() -> None:
+    from engine.sampler import TokenLogprobs
+
+    s = OutputStreams()
+    s.attach("r", lambda: None)
+    s.watch("r", "a", 60.0)
+    lp = [TokenLogprobs(65 + i, -0.1 * i, ((65 + i, -0.1 * i), (3, -4.0))) for i in range(3)]
+    s.publish([RequestOutput("a", [65], "A", False, None, 3, 1, 1, [lp[0]])])
+    s.publish([RequestOutput("a", [66], "B", False, None, 3, 1, 2, [lp[1]])])
+    [first] = s.take_ready("r")
+    assert first.logprobs == tuple((x.logprob, x.top) for x in lp[:2])
+    s.publish([RequestOutput("a", [67], "C", True, FinishReason.LENGTH, 3, 1, 3, [lp[2]])])
+    [last] = s.take_ready("r")
+    both = first.then(last)
+    assert both.token_ids == (65, 66, 67) and len(both.logprobs) == 3 and both.finished
