@@ -156,14 +156,20 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
     )
     with BatonClient(args.address, api_key=args.api_key, timeout_s=args.timeout) as client:
         try:
+            logprobs = []
             for resp in client.stream(req):
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
+                logprobs.extend(resp.logprobs)
                 if resp.finish_reason:
                     print()
+                    for t in logprobs:  # token id, its logprob, then the best alternatives
+                        top = " ".join(f"{a.token_id}:{a.logprob:.4f}" for a in t.top)
+                        print(f"{t.token_id}\t{t.logprob:.4f}\t{top}", file=sys.stderr)
                     if args.timings:
                         t, u = resp.timings, resp.usage
                         print(
@@ -270,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument(
+        "--logprobs", type=int, default=None, help="print each token's logprob and N best"
+    )
     gen.add_argument("--api-key", default=None)
     gen.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     gen.add_argument("--timings", action="store_true", help="print usage and phase timings")

@@ -733,3 +733,19 @@ def test_struct_helpers_match_protobuf() -> None:
     assert len_field(2, b"hi") == pb.GenerateRequest(text="hi").SerializeToString()
     assert varint(300) == b"\xac\x02"
     assert struct.pack("<d", 1.0)  # doubles go through protobuf itself
+
+
+def test_baton_generate_prints_logprobs(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from baton.cli import main
+
+    args = ["generate", "--address", cluster.address, "--prompt", "hi", "--max-tokens", "3",
+            "--temperature", "0", "--ignore-eos", "--logprobs", "2"]  # fmt: skip
+    assert main(args) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().err.splitlines()]
+    assert len(rows) == 3
+    for token, logprob, top in rows:
+        best = [pair.split(":") for pair in top.split()]
+        assert len(best) == 2 and best[0][0] == token  # greedy: the chosen is the best
+        assert float(logprob) <= 0.0 and float(best[0][1]) == float(logprob)
