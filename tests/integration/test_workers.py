@@ -191,11 +191,11 @@ def test_the_prefill_loop_does_not_wait_for_a_commit() -> None:
     commit = decode.sink.commit
     committing = threading.Event()
 
-    def slow_commit(request_id: str, first_token_id: int) -> None:
+    def slow_commit(request_id: str, first_token_id: int, logprobs: object = None) -> None:
         if request_id == "a":
             committing.set()
             time.sleep(1.0)
-        commit(request_id, first_token_id)
+        commit(request_id, first_token_id, logprobs)  # type: ignore[arg-type]
 
     decode.sink.commit = slow_commit  # type: ignore[method-assign]
     decode.start()
