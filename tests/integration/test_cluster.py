@@ -97,6 +97,14 @@ def clusters(
         "colocated": {"mode": "colocated", "num_decode": 1},
         "prefix": {"num_prefill": 2, "num_decode": 2, "routing": {"policy": "prefix_aware"}},
         "gpu_pack": {"gpus_per_worker": 1, "placement": "pack"},
+        "conditional": {
+            "routing": {
+                "policy": "conditional",
+                "inner_policy": "least_loaded",
+                "local_prefill_max_tokens": 16,
+                "max_prefill_queue_tokens": 64,
+            }
+        },
     }
     running: dict[str, Cluster] = {}
 
@@ -217,6 +225,24 @@ def test_logprobs_equal_transformers(
         with pytest.raises(grpc.RpcError) as err:
             c.generate(PROMPTS[1], max_tokens=2, logprobs=21)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    wait_all_blocks_free(cluster)
+
+
+def test_conditional_routing_is_exact_on_both_paths(
+    clusters: Callable[[str], Cluster], checkpoint: tuple[Path, Any]
+) -> None:
+    """Short prompts, and long ones while the prefill worker is backed up, prefill on the
+    decode worker; the rest go through the prefill worker: every answer as transformers'."""
+    _, model = checkpoint
+    n = 8
+    prompts = PROMPTS * 2  # a burst: the prefill worker has >= 64 tokens pending at once
+    cluster = clusters("conditional")
+    with BatonClient(cluster.address) as c:
+        got = generate_all(c, prompts, n)
+    assert [r.token_ids for r in got] == [hf_greedy(model, p, n) for p in prompts]
+    modes = {(len(p) <= 16, r.timings.mode) for p, r in zip(prompts, got, strict=True)}
+    assert (True, "decode_local") in modes and (False, "disaggregated") in modes, modes
+    assert (True, "disaggregated") not in modes  # short prompts never leave the decode worker
     wait_all_blocks_free(cluster)
 
 
