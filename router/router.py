@@ -7,8 +7,10 @@ A request through the router, in order (disaggregated mode):
   routing      the policy picks (P, D) from the workers' last reported load, the router's
                own in-flight counts and the prefix index; the prompt's block hashes are
                recorded for the chosen workers (router/prefix_index.py)
-  dispatch     D's token stream is opened first (so nothing is missed), then P is asked to
-               prefill and transfer to D's KV-transfer service; P answers once D committed
+  dispatch     the request is watched on the router's token stream from D first (one
+               stream per decode worker, router/workers.py; nothing can be missed), then P
+               is asked to prefill and transfer to D's KV-transfer service; P answers once
+               D committed
   relay        chunks from D become GenerateResponses; the last one carries the finish
                reason, usage and per-phase timings
   cleanup      in `finally`: an attempt that did not finish (client cancelled, deadline,
@@ -28,7 +30,9 @@ worker down, the next good one up), and a decode worker restarted by Ray comes b
 new KV-transfer address, which its load report carries and the router adopts (prefill workers
 open a new KV-transfer client for a new address: the re-handshake).
 
-Local routes (colocated mode, or the conditional policy) skip P: D prefills itself.
+Local routes (colocated mode, or the conditional policy: a short uncached prompt, or any
+prompt while the chosen prefill worker is backed up) skip P: D prefills itself. The router
+counts each worker's pending prompt tokens (routed to it, first token not back) exactly.
 Every wait is bounded by the request's deadline (the client's, capped by
 limits.request_timeout_s); errors surface as `RequestError` with a gRPC status.
 """
