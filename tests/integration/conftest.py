@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +36,23 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     folder = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(folder)
     return folder, model
+
+
+@pytest.fixture
+def requests_done() -> Any:
+    """`requests_done(client)`: the workers' settled finished-request counts."""
+    return _settled_requests_done
+
+
+def _settled_requests_done(client: Any) -> dict[str, int]:
+    """Each worker's finished-request count (a `BatonClient`'s Stats) once two reads 0.2 s
+    apart agree: the router reports polled loads, so a request that just ended can still be
+    counted a moment later (comparing two unsettled reads made tests flaky)."""
+    last: dict[str, int] | None = None
+    for _ in range(50):
+        now = {w.name: w.num_requests_done for w in client.stats().workers}
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.2)
+    raise AssertionError(f"request counts never settled: {last}")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -72,19 +71,6 @@ def client(cluster: Cluster) -> Iterator[BatonClient]:
         yield c
 
 
-def settled_requests_done(client: BatonClient) -> dict[str, int]:
-    """Each worker's finished-request count once two reads 0.2 s apart agree (the router
-    reports polled loads, so a request that just ended can still be counted later)."""
-    last: dict[str, int] | None = None
-    for _ in range(50):
-        now = {w.name: w.num_requests_done for w in client.stats().workers}
-        if now == last:
-            return now
-        last = now
-        time.sleep(0.2)
-    raise AssertionError(f"request counts never settled: {last}")
-
-
 def code_of(fn: object) -> grpc.StatusCode:
     try:
         result = fn()  # type: ignore[operator]
@@ -100,12 +86,12 @@ def code_of(fn: object) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong-key"),)])
 def test_serving_api_refuses_a_missing_or_wrong_key(
-    cluster: Cluster, client: BatonClient, metadata: tuple
+    cluster: Cluster, client: BatonClient, metadata: tuple, requests_done: Callable
 ) -> None:
     channel = grpc.insecure_channel(cluster.address)
     stub = pb_grpc.ServingStub(channel)
     request = pb.GenerateRequest(text="hello", sampling=pb.Sampling(max_tokens=2))
-    before = settled_requests_done(client)  # the previous test's request may still count
+    before = requests_done(client)  # the previous test's request may still count
     for call in (
         lambda: stub.Generate(request, metadata=metadata, timeout=10),
         lambda: stub.Health(pb.ServingHealthRequest(), metadata=metadata, timeout=10),
@@ -113,7 +99,7 @@ def test_serving_api_refuses_a_missing_or_wrong_key(
     ):
         assert code_of(call) is UNAUTHENTICATED
     channel.close()
-    assert settled_requests_done(client) == before
+    assert requests_done(client) == before
     # With the key: served.
     assert client.generate("hello", max_tokens=2).usage.completion_tokens == 2
 
