@@ -100,6 +100,12 @@ class FakeDecode(DecodeClient):
     async def abort(self, request_id: str, reason: str) -> None:
         self.aborted.append(request_id)
 
+    async def close(self) -> None:
+        """The router stops: the token producers still running stop with it."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def load(self) -> WorkerLoad:
         return WorkerLoad(
             self.name,
