@@ -88,9 +88,6 @@ class CudaRuntime:
         self._memcpy = lib.cudaMemcpyAsync
         self._memcpy.argtypes = [c_void_p, c_void_p, c_size_t, c_int, c_void_p]
         self._memcpy.restype = c_int
-        self._memset = lib.cudaMemsetAsync
-        self._memset.argtypes = [c_void_p, c_int, c_size_t, c_void_p]
-        self._memset.restype = c_int
         self._enable_peer = lib.cudaDeviceEnablePeerAccess
         self._enable_peer.argtypes = [c_int, ctypes.c_uint]
         self._enable_peer.restype = c_int
@@ -158,12 +155,6 @@ class CudaRuntime:
         err = self._memcpy(dst, src, num_bytes, _CUDA_MEMCPY_DEFAULT, stream)
         if err:
             self._check(err, f"cudaMemcpyAsync({num_bytes} bytes)")
-
-    def memset_async(self, dst: int, value: int, num_bytes: int, stream: int) -> None:
-        """Queue setting num_bytes of device memory at dst to the byte `value`."""
-        self._check(
-            self._memset(dst, value, num_bytes, stream), f"cudaMemsetAsync({num_bytes} bytes)"
-        )
 
     def upload_async(self, dst: int, src: int, num_bytes: int, stream: int) -> None:
         """Queue a copy of num_bytes of pageable host memory to the device. The driver stages

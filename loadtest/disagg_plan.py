@@ -224,24 +224,23 @@ def figures_for(
         }
     else:
         assert comp.kind is Kind.PAIR and slo.ttft_ms is not None, (comp.kind, slo)
-        ratios = {
-            "goodput_ratio": goodput_ratio(subject, baseline),
-            "tpot_p90_ratio": tpot_p90_ratio(subject, baseline, slo.ttft_ms),
-            "output_throughput_ratio": output_throughput_ratio(subject, baseline),
-        }
+        ratios = _pair_ratios(subject, baseline, slo.ttft_ms)
+        for spec in comp.configs[2:]:  # further subjects against the same baseline: reported
+            extra = _pair_ratios(files[spec.label], baseline, slo.ttft_ms)
+            ratios |= {f"{spec.key}_{suffix}": ratio for suffix, ratio in extra.items()}
     figures = []
     for suffix, ratio in ratios.items():
         name = f"{prefix}_{suffix}"
         figures += _named(name, ratio, TARGETS.get(name, "report"), missing)
-    if comp.kind is Kind.PAIR:  # further subjects against the same baseline: reported
-        for spec in comp.configs[2:]:
-            other = files[spec.label]
-            for suffix, ratio in (
-                ("goodput_ratio", goodput_ratio(other, baseline)),
-                ("tpot_p90_ratio", tpot_p90_ratio(other, baseline, slo.ttft_ms)),
-            ):
-                figures += _named(f"{prefix}_{spec.key}_{suffix}", ratio, "report", missing)
     return figures
+
+
+def _pair_ratios(subject: ResultFile, baseline: ResultFile, ttft_slo_ms: float) -> dict:
+    return {
+        "goodput_ratio": goodput_ratio(subject, baseline),
+        "tpot_p90_ratio": tpot_p90_ratio(subject, baseline, ttft_slo_ms),
+        "output_throughput_ratio": output_throughput_ratio(subject, baseline),
+    }
 
 
 def figure_entries(

@@ -532,7 +532,7 @@ class Router:
             text=chunk.text,
             finish_reason=_FINISH.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
         )
-        if chunk.logprobs and len(chunk.logprobs) == len(chunk.token_ids):
+        if chunk.logprobs:  # one per token: a mismatch is a bug, and raises here
             resp.logprobs.extend(
                 pb.TokenLogprob(
                     token_id=token,

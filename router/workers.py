@@ -151,8 +151,12 @@ class _Subscription:
         self._to_watch.append((request_id, timeout_s))
         return stream
 
-    async def close(self) -> None:
+    def cancel(self) -> None:
+        """End the pump: its open requests get StreamEnded."""
         self._task.cancel()
+
+    async def close(self) -> None:
+        self.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -224,9 +228,11 @@ class RayDecodeClient(DecodeClient):
             self._subscription = None
 
     def restarted(self) -> None:
-        # The old subscription ends when Ray reports its generator's actor dead; new
-        # requests must not be watched on it meanwhile (the new process never serves it).
-        self._subscription = None
+        # The old process is gone: its requests end now (the router retries them) rather than
+        # whenever Ray reports the generator dead, and new ones get a new subscription.
+        if self._subscription is not None:
+            self._subscription.cancel()
+            self._subscription = None
 
     async def submit_local(
         self, request_id: str, prompt: tuple[int, ...], params: SamplingParams, cache_salt: str

@@ -131,3 +131,22 @@ async def test_close_ends_the_pump_and_its_open_requests() -> None:
     assert sub.ended
     with pytest.raises(StreamEnded):
         await a.next(1.0)
+
+
+@sync
+async def test_a_restarted_worker_ends_the_old_subscription_and_gets_a_new_one() -> None:
+    from router.workers import RayDecodeClient
+
+    actor = FakeActor()
+    client = RayDecodeClient("d0", actor, "d0:1")  # type: ignore[arg-type]
+    old = client.open_stream("a", 10.0)
+    await asyncio.sleep(0)
+    client.restarted()  # the old process is gone: its request ends now, to be retried
+    with pytest.raises(StreamEnded):
+        await old.next(1.0)
+    new = client.open_stream("b", 10.0)
+    await asyncio.sleep(0)
+    assert len(actor.subscribed) == 2 and actor.subscribed[0] != actor.subscribed[1]
+    await actor.items.put([chunk("b", (5,), finished=True)])
+    assert (await new.next(1.0)).token_ids == (5,)
+    await client.close()
