@@ -130,7 +130,8 @@ def start_decode_batch(
         engine.step()
     for _ in range(3):
         engine.step()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return ids
 
 
