@@ -34,10 +34,15 @@ class ClientConfig:
     stream_timeout_s: float = 120.0  # a whole chunk stream
     tls_root_certs_pem: bytes | None = None  # set: TLS on
     tls_server_name: str | None = None  # override the name checked against the certificate
+    # chunk messages encoded ahead of gRPC's request thread on an encoder thread (0: encode
+    # on the request thread itself, serially with sending; see transport._GrpcSession)
+    encode_ahead: int = 0
 
     def __post_init__(self) -> None:
         if self.rpc_timeout_s <= 0 or self.stream_timeout_s <= 0:
             raise ValueError("rpc_timeout_s and stream_timeout_s must be > 0")
+        if self.encode_ahead < 0:
+            raise ValueError(f"encode_ahead must be >= 0, got {self.encode_ahead}")
 
 
 @dataclass(frozen=True)

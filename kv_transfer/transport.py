@@ -156,7 +156,10 @@ class _GrpcSession(TransferSession):
         self._num_bytes = 0
         self._num_chunks = 0
         self._first_send_s = 0.0
-        self._future = client.stream_future(self._messages())
+        messages = self._messages()
+        if client.config.encode_ahead:
+            messages = self._encoded_ahead(messages, client.config.encode_ahead)
+        self._future = client.stream_future(messages)
         self._future.add_done_callback(lambda _: self._stop.set())
 
     # ---- gRPC's request thread -----------------------------------------------------------
@@ -179,6 +182,46 @@ class _GrpcSession(TransferSession):
                 self._num_chunks += 1
                 self._num_bytes += chunk.num_data_bytes
                 yield chunk.message
+
+    def _encoded_ahead(self, messages: Iterator[bytes], depth: int) -> Iterator[bytes]:
+        """`messages` produced on an encoder thread, at most `depth` ahead of the caller
+        (gRPC's request thread), so that encoding a chunk overlaps sending the previous one
+        where the cores allow. An error of the encoder is raised here, in order."""
+        ready: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
+
+        def put(item: bytes | BaseException | None) -> bool:
+            while not self._stop.is_set():
+                try:
+                    ready.put(item, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def encode() -> None:
+            try:
+                for message in messages:
+                    if not put(message):
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the request thread
+                put(e)
+            else:
+                put(None)
+
+        encoder = threading.Thread(target=encode, name="kv-encode", daemon=True)
+        encoder.start()
+        while True:
+            try:
+                item = ready.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._stop.is_set() and not encoder.is_alive():
+                    raise TransferError("transfer stopped") from None
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def _encode(self, item: _LayerRange) -> Iterator[EncodedChunk]:
         """The range's chunks, each read from the pool under `_reading`."""

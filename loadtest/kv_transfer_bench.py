@@ -145,7 +145,9 @@ def layer_digest(pool: KVPool, layer_idx: int, block_ids: list[int]) -> int:
     return checksum_of(kv_buffers(pool, layer_idx, block_ids))
 
 
-def run_cpu(total_mb: int, trials: int, keep_memory: bool = False) -> list[dict]:
+def run_cpu(
+    total_mb: int, trials: int, keep_memory: bool = False, encode_ahead: int = 0
+) -> list[dict]:
     if keep_memory:
         assert keep_freed_memory(), "--keep-freed-memory needs glibc"
     # One intra-op thread in both processes: with 2 cores, torch's parallel copies fight
@@ -171,7 +173,9 @@ def run_cpu(total_mb: int, trials: int, keep_memory: bool = False) -> list[dict]
     proc.start()
     try:
         kv_port, bare_port = conn.recv()
-        client = KVTransferClient(ClientConfig(f"127.0.0.1:{kv_port}", TOKEN))
+        client = KVTransferClient(
+            ClientConfig(f"127.0.0.1:{kv_port}", TOKEN, encode_ahead=encode_ahead)
+        )
         transport = GrpcTransport(client, src)
         limit = ServerConfig(auth_token=TOKEN).max_message_bytes
         channel = grpc.insecure_channel(
@@ -324,6 +328,12 @@ def main() -> None:
         action="store_true",
         help="--cpu: apply kv_transfer.allocator's malloc settings in both processes",
     )
+    parser.add_argument(
+        "--encode-ahead",
+        type=int,
+        default=0,
+        help="--cpu: chunk messages the sender encodes ahead of gRPC (ClientConfig.encode_ahead)",
+    )
     parser.add_argument("--trials", type=int, default=7)
     parser.add_argument("--out-dir", type=Path, default=Path("results"))
     args = parser.parse_args()
@@ -355,9 +365,10 @@ def main() -> None:
         )
         results = run_gpu(args.trials, args.out_dir)
     else:
-        run["device"] = f"CPU, {os.cpu_count()} cores"
+        run["device"] = f"CPU, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores"
         run["malloc"] = "kv_transfer.allocator settings" if args.keep_freed_memory else "default"
-        results = run_cpu(args.cpu_mb, args.trials, args.keep_freed_memory)
+        run["encode_ahead"] = args.encode_ahead
+        results = run_cpu(args.cpu_mb, args.trials, args.keep_freed_memory, args.encode_ahead)
     log.info("run %s", run)
     out.write_text(json.dumps({"run": run, "results": results}, indent=2))
     print(f"\n{'figure':<44} {'value':>10}  unit   target")

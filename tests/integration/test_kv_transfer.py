@@ -75,8 +75,11 @@ class Decode:
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
-    def client(self, token: str = TOKEN, **kwargs: object) -> KVTransferClient:
-        return KVTransferClient(ClientConfig(self.target, token, rpc_timeout_s=5.0), **kwargs)
+    def client(
+        self, token: str = TOKEN, encode_ahead: int = 0, **kwargs: object
+    ) -> KVTransferClient:
+        config = ClientConfig(self.target, token, rpc_timeout_s=5.0, encode_ahead=encode_ahead)
+        return KVTransferClient(config, **kwargs)
 
     def run_to_completion(self) -> dict[str, list[int]]:
         tokens: dict[str, list[int]] = {}
@@ -156,10 +159,13 @@ def reference_tokens(prompts: list[list[int]], params: SamplingParams = GREEDY) 
 # ---- exactness ---------------------------------------------------------------------------
 
 
-def test_round_trip_is_byte_identical_and_decodes_like_colocated(decode: Decode, prefill: Engine):
+@pytest.mark.parametrize("encode_ahead", [0, 2])  # on the request thread, an encoder thread
+def test_round_trip_is_byte_identical_and_decodes_like_colocated(
+    decode: Decode, prefill: Engine, encode_ahead: int
+):
     blocks, first = prefill_held(prefill, "r1", PROMPT)
     layout = KVLayout.of_pool(prefill.pool)
-    with decode.client() as client:
+    with decode.client(encode_ahead=encode_ahead) as client:
         r = client.reserve("r1", PROMPT, GREEDY, layout)
         assert r.num_cached_blocks == 0 and len(r.block_ids) == 7
         assert decode.engine.num_free_blocks == decode.free_at_start - 7
@@ -351,9 +357,10 @@ def test_unauthenticated_peer_is_refused(decode: Decode):
         assert client.health().serving
 
 
-def test_abort_mid_stream_frees_blocks(decode: Decode, prefill: Engine):
+@pytest.mark.parametrize("encode_ahead", [0, 1])
+def test_abort_mid_stream_frees_blocks(decode: Decode, prefill: Engine, encode_ahead: int):
     blocks, _ = prefill_held(prefill, "a", PROMPT)
-    with decode.client() as client:
+    with decode.client(encode_ahead=encode_ahead) as client:
         r = client.reserve("a", PROMPT, GREEDY, KVLayout.of_pool(prefill.pool))
         session = GrpcTransport(client, prefill.pool).open(r)
         session.send_layer(0, 0, blocks)  # layer 1 never comes
@@ -528,6 +535,31 @@ def test_failing_write_ends_the_stream_and_frees(decode: Decode, monkeypatch: py
         details = expect_status(grpc.StatusCode.INTERNAL, lambda: stream(client, *chunks))
         assert "disk on fire" in details
         assert decode.engine.num_free_blocks == decode.free_at_start
+
+
+@pytest.mark.parametrize("encode_ahead", [0, 2])
+def test_failing_encode_fails_the_transfer_and_frees(
+    decode: Decode, prefill: Engine, monkeypatch: pytest.MonkeyPatch, encode_ahead: int
+):
+    import kv_transfer.transport as transport_module
+
+    def encode_then_fail(*args: object, **kwargs: object) -> Iterator[object]:
+        if args[3] == 1:  # layer 1
+            raise RuntimeError("pool unreadable")
+        yield from encode_layer(*args, **kwargs)
+
+    monkeypatch.setattr(transport_module, "encode_layer", encode_then_fail)
+    blocks, _ = prefill_held(prefill, "e", PROMPT)
+    with decode.client(encode_ahead=encode_ahead) as client:
+        r = client.reserve("e", PROMPT, GREEDY, KVLayout.of_pool(prefill.pool))
+        session = GrpcTransport(client, prefill.pool).open(r)
+        for layer in range(prefill.pool.num_layers):
+            session.send_layer(layer, 0, blocks)
+        with pytest.raises(TransferError):
+            session.finish(timeout_s=10)
+        assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
+        expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
+    prefill.release("e")
 
 
 def test_commit_before_every_block_arrived_is_refused(decode: Decode):
