@@ -36,7 +36,7 @@ class ClientConfig:
     tls_server_name: str | None = None  # override the name checked against the certificate
     # chunk messages encoded ahead of gRPC's request thread on an encoder thread (0: encode
     # on the request thread itself, serially with sending; see transport._GrpcSession)
-    encode_ahead: int = 0
+    encode_ahead: int = 1
 
     def __post_init__(self) -> None:
         if self.rpc_timeout_s <= 0 or self.stream_timeout_s <= 0:

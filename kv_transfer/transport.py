@@ -125,20 +125,21 @@ class GrpcTransport(KVTransport):
 
 
 class _GrpcSession(TransferSession):
-    """Block ranges queued by the compute thread, encoded by gRPC's request thread:
+    """Block ranges queued by the compute thread, encoded on an encoder thread a message or
+    two ahead of gRPC's request thread (`ClientConfig.encode_ahead`, default 1):
 
-        send_layer ─ranges─▶ [queue] ─gRPC's request thread: encode_layer─▶ gRPC
+        send_layer ─ranges─▶ [queue] ─encoder thread: encode_layer─▶ [ready] ─▶ gRPC
 
-    `send_layer` (the compute thread) only queues a block range. gRPC's request thread asks
-    for the next message once the previous one went to the transport; it takes the next
-    range and encodes its chunks one at a time (`encode_layer`: one hash pass and one copy
-    each) while gRPC core writes the previous message to the socket.
+    `send_layer` (the compute thread) only queues a block range. The encoder thread takes the
+    next range and encodes its chunks one at a time (`encode_layer`: one hash pass and one
+    copy each) while gRPC's request thread hands the previous message to gRPC core, so with
+    spare cores encoding overlaps sending. With `encode_ahead=0` the request thread encodes
+    each message itself when gRPC asks for it, serially with sending.
 
-    Why not an encoder thread one message ahead (as before): on the 2-core CPU box encoding
-    on the request thread measured 0.69 of the bare stream against 0.63 (means of 7 runs of
-    10 to 20 alternating trials; single runs spread by +-0.08). The sender's CPU per GB did
-    not change measurably (0.96 both, medians); its page faults went from 15k/GB to mostly
-    none (one 4 MiB message live at a time: the allocator hands back the same memory).
+    Measured (`loadtest/kv_transfer_bench.py --cpu`, 256 MB, alternating with a bare gRPC
+    stream, 15 trials a run): on a 16-core host, 0.82 and 0.89 of the bare stream with
+    `encode_ahead=1` against 0.76 and 0.57 encoding on the request thread; on 2 cores (both
+    processes sharing them, so the ratio follows CPU work) 0.63 to 0.69 either way.
 
     `_reading` is held while a chunk is read from the pool; `finish` and `abort` take it
     after stopping the session, so that once they return the local blocks are free to go.

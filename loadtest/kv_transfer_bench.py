@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument(
         "--encode-ahead",
         type=int,
-        default=0,
+        default=ClientConfig.encode_ahead,
         help="--cpu: chunk messages the sender encodes ahead of gRPC (ClientConfig.encode_ahead)",
     )
     parser.add_argument("--trials", type=int, default=7)
