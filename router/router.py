@@ -1,5 +1,10 @@
 """The router's core: validate, route, dispatch, relay the token stream, clean up.
 
+`Router` admits requests, routes them, runs the retry loop over their attempts and polls the
+workers' load. Its parts: a request in flight and its attempts' bookkeeping
+(router/flight.py), the view of one worker (router/worker_slot.py), one attempt's dispatch,
+relay and abort (router/attempt.py).
+
 A request through the router, in order (disaggregated mode):
 
   arrival      `generate` validates every field (router/validation.py) and tokenizes, then
@@ -10,9 +15,9 @@ A request through the router, in order (disaggregated mode):
   dispatch     the request is watched on the router's token stream from D first (one
                stream per decode worker, router/workers.py; nothing can be missed), then P
                is asked to prefill and transfer to D's KV-transfer service; P answers once
-               D committed
+               D committed (router/attempt.py)
   relay        chunks from D become GenerateResponses; the last one carries the finish
-               reason, usage and per-phase timings
+               reason, usage and per-phase timings (router/attempt.py)
   cleanup      in `finally`: an attempt that did not finish (client cancelled, deadline,
                failure) is aborted on P and on D, which frees its blocks on both sides;
                in-flight counts drop
@@ -41,45 +46,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
 from baton.config import ClusterMode, Limits
-from decode_worker.messages import PrefillStatus, PrefillTask, TokenChunk, WorkerLoad
-from engine.sampling_params import SamplingParams
+from decode_worker.messages import WorkerLoad
 from engine.tokenizer import Tokenizer
 from protos import serving_pb2 as pb
-from router.policies import NoWorker, Route, RouteQuery, RoutingPolicy, WorkerView
+from router.attempt import ABORT_TIMEOUT_S, AttemptFailed, abort_attempt, run_attempt
+from router.flight import Flight
+from router.policies import NoWorker, RouteQuery, RoutingPolicy
 from router.prefix_index import PrefixIndex, prompt_block_hashes
 from router.validation import RequestError, UndecodableRequest, ValidatedRequest, validate
+from router.worker_slot import WorkerSlot
 from router.workers import (
     DecodeClient,
     PrefillClient,
     StreamEnded,
-    TokenStream,
     WorkerUnavailable,
 )
 
 log = logging.getLogger(__name__)
 
-ABORT_TIMEOUT_S = 5.0
-_FINISH = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "abort": pb.FINISH_REASON_ABORT,
-}
-_PREFILL_CODES = {
-    PrefillStatus.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-# Prefill answers that say "this attempt's workers or bytes failed", not "this request is
-# wrong": worth another attempt on other workers.
-_RETRYABLE_PREFILL_CODES = frozenset({"UNAVAILABLE", "DATA_LOSS", "ABORTED", "NOT_FOUND"})
 DEFAULT_MAX_ATTEMPTS = 3
 PROBE_TIMEOUT_S = 2.0
 # A worker that is alive but slow to report (a saturated CPU) is marked down only after this
@@ -87,100 +80,11 @@ PROBE_TIMEOUT_S = 2.0
 SILENT_PROBES_DOWN = 3
 
 
-class AttemptFailed(Exception):
-    """One attempt of a request failed in a way another attempt may not (a worker died, a
-    transfer broke); `suspects` are the workers to probe before routing again."""
-
-    def __init__(self, message: str, suspects: tuple[WorkerSlot | None, ...]) -> None:
-        super().__init__(message)
-        self.suspects = suspects
-
-
-@dataclass(eq=False)
-class WorkerSlot:
-    """The router's view of one worker."""
-
-    index: int
-    client: PrefillClient | DecodeClient
-    prefix: PrefixIndex
-    load: WorkerLoad | None = None
-    in_flight: int = 0
-    pending_prefill_tokens: int = 0  # sent here to prefill, first token not back yet
-    healthy: bool = True
-    detail: str = ""
-    silent_probes: int = 0  # load reports in a row that timed out
-
-    def view(self, prefix_match_tokens: int) -> WorkerView:
-        load = self.load
-        return WorkerView(
-            index=self.index,
-            queue_depth=load.queue_depth if load else 0,
-            num_running=load.num_running if load else 0,
-            in_flight=self.in_flight,
-            num_free_blocks=load.num_free_blocks if load else 0,
-            prefix_match_tokens=prefix_match_tokens,
-            healthy=self.healthy,
-            pending_prefill_tokens=self.pending_prefill_tokens,
-        )
-
-
 @dataclass
 class RouterCounters:
     requests_total: int = 0
     requests_failed: int = 0
     attempts_retried: int = 0  # attempts that failed and were followed by another
-
-
-@dataclass(eq=False)
-class _Flight:
-    """One request in flight. Workers know it as `worker_request_id`: the client's id plus
-    a per-attempt suffix, so that a client reusing an id after a cancel is never mistaken
-    for the aborted attempt (decode workers remember aborted ids for a while)."""
-
-    request: ValidatedRequest  # request_id: the client's
-    worker_request_id: str  # of the current attempt
-    arrival_s: float
-    deadline_s: float
-    route: Route | None = None
-    committed: bool = False  # the current attempt's KV is on its decode worker
-    finished: bool = False
-    timings: pb.Timings = field(default_factory=pb.Timings)
-    delivered: list[int] = field(default_factory=list)  # token ids sent to the client
-    num_resumed: int = 0  # len(delivered) when the current attempt started
-    num_attempts: int = 0
-    stream: TokenStream | None = None  # the current attempt's, once opened
-    # the worker prefilling the current attempt and the prompt tokens counted on it
-    prefilling: tuple[WorkerSlot, int] | None = None
-
-    def prefill_done(self) -> None:
-        if self.prefilling is not None:
-            slot, num_tokens = self.prefilling
-            slot.pending_prefill_tokens -= num_tokens
-            self.prefilling = None
-
-    def new_attempt(self) -> None:
-        self.num_attempts += 1
-        # "<client id>@a<attempt number>-<random>": unique per attempt, readable in logs
-        self.worker_request_id = (
-            f"{self.request.request_id}@a{self.num_attempts}-{uuid.uuid4().hex[:12]}"
-        )
-        self.committed = False
-        self.num_resumed = len(self.delivered)
-
-    def attempt_request(self) -> tuple[tuple[int, ...], SamplingParams]:
-        """The prompt and parameters of the current attempt: resumed after the delivered
-        tokens (exact for greedy sampling; a seeded sampler restarts its stream)."""
-        r = self.request
-        if not self.delivered:
-            return r.prompt_token_ids, r.params
-        params = dataclasses.replace(r.params, max_tokens=r.params.max_tokens - len(self.delivered))
-        return r.prompt_token_ids + tuple(self.delivered), params
-
-    def remaining_s(self) -> float:
-        left = self.deadline_s - time.monotonic()
-        if left <= 0:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        return left
 
 
 class Router:
@@ -218,7 +122,7 @@ class Router:
         self.max_attempts = max_attempts
         self._prefix_capacity_blocks = prefix_capacity_blocks
         self.counters = RouterCounters()
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, Flight] = {}
         self._background: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
 
@@ -300,7 +204,7 @@ class Router:
 
     def _admit(
         self, req: pb.GenerateRequest | UndecodableRequest, timeout_s: float | None
-    ) -> _Flight:
+    ) -> Flight:
         v = validate(req, self.limits, self.tokenizer, self.vocab_size, self.max_model_len)
         rid = v.request_id or f"req-{uuid.uuid4().hex}"
         if rid in self._flights:
@@ -318,7 +222,7 @@ class Router:
             if timeout_s is None
             else min(timeout_s, self.limits.request_timeout_s)
         )
-        flight = _Flight(
+        flight = Flight(
             ValidatedRequest(rid, v.prompt_token_ids, v.params, v.cache_salt),
             f"{rid}@{uuid.uuid4().hex[:12]}",
             now,
@@ -327,7 +231,7 @@ class Router:
         self._flights[rid] = flight
         return flight
 
-    def _route(self, f: _Flight, prompt: tuple[int, ...]) -> tuple[WorkerSlot, WorkerSlot | None]:
+    def _route(self, f: Flight, prompt: tuple[int, ...]) -> tuple[WorkerSlot, WorkerSlot | None]:
         r = f.request
         hashes = prompt_block_hashes(prompt, self.block_size, r.cache_salt)
         bs = self.block_size
@@ -370,7 +274,7 @@ class Router:
         finally:
             self._flights.pop(f.request.request_id, None)
 
-    async def _attempts(self, f: _Flight) -> AsyncIterator[pb.GenerateResponse]:
+    async def _attempts(self, f: Flight) -> AsyncIterator[pb.GenerateResponse]:
         """Invariant: at most one attempt of the request is on workers at a time, and each
         attempt that did not finish is aborted on its workers before the next is routed."""
         while True:
@@ -379,7 +283,7 @@ class Router:
             p: WorkerSlot | None = None
             try:
                 d, p = self._route(f, f.attempt_request()[0])
-                async for resp in self._run(f, d, p):
+                async for resp in run_attempt(f, d, p, self.mode):
                     yield resp
                 return
             except TimeoutError:
@@ -397,7 +301,7 @@ class Router:
                     if slot is not None:
                         slot.in_flight -= 1
                 if not f.finished and d is not None:
-                    self._spawn(self._abort_everywhere(f.worker_request_id, d, p, f.committed))
+                    self._spawn(abort_attempt(f.worker_request_id, d, p, f.committed))
             log.warning(
                 "request %s attempt %d failed: %s", f.request.request_id, f.num_attempts, failure
             )
@@ -414,134 +318,6 @@ class Router:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _abort_everywhere(
-        self, rid: str, d: WorkerSlot, p: WorkerSlot | None, committed: bool
-    ) -> None:
-        calls = [d.client.abort(rid, "aborted by the router")]
-        if p is not None and not committed:
-            calls.append(p.client.abort(rid, "aborted by the router"))
-        results = await asyncio.gather(
-            *(asyncio.wait_for(c, ABORT_TIMEOUT_S) for c in calls), return_exceptions=True
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                log.warning("abort of %s not delivered: %r", rid, r)
-
-    async def _run(
-        self, f: _Flight, d: WorkerSlot, p: WorkerSlot | None
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        """One attempt on (P, D). Raises AttemptFailed when a worker or the transfer failed."""
-        r = f.request
-        prompt, params = f.attempt_request()
-        wid = f.worker_request_id
-        t = f.timings
-        dclient: DecodeClient = d.client  # type: ignore[assignment]
-        t.decode_worker = dclient.name
-        num_cached = 0
-        if p is None:
-            t.mode = "colocated" if self.mode is ClusterMode.COLOCATED else "decode_local"
-            t.router_ms = t.router_ms or (time.monotonic() - f.arrival_s) * 1e3
-            try:
-                await asyncio.wait_for(
-                    dclient.submit_local(wid, prompt, params, r.cache_salt), f.remaining_s()
-                )
-            except ValueError as e:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from e
-            except WorkerUnavailable as e:
-                raise AttemptFailed(f"decode worker {dclient.name}: {e}", (d,)) from e
-            f.committed = True
-            stream = f.stream = dclient.open_stream(wid, f.remaining_s())
-        else:
-            pclient: PrefillClient = p.client  # type: ignore[assignment]
-            t.mode = "disaggregated"
-            t.prefill_worker = pclient.name
-            stream = f.stream = dclient.open_stream(wid, f.remaining_s())
-            task = PrefillTask(
-                wid, prompt, params, r.cache_salt, dclient.kv_address, f.remaining_s()
-            )
-            t.router_ms = t.router_ms or (time.monotonic() - f.arrival_s) * 1e3
-            try:
-                result = await asyncio.wait_for(pclient.prefill(task), f.remaining_s())
-            except WorkerUnavailable as e:
-                raise AttemptFailed(f"prefill worker {pclient.name}: {e}", (p, d)) from e
-            finally:
-                f.prefill_done()
-            if result.status is not PrefillStatus.COMMITTED:
-                detail = f"prefill on {pclient.name}: {result.detail}"
-                if result.code in _RETRYABLE_PREFILL_CODES:
-                    raise AttemptFailed(detail, (p, d))
-                code = _PREFILL_CODES.get(result.status) or getattr(
-                    grpc.StatusCode, result.code or "UNAVAILABLE", grpc.StatusCode.UNAVAILABLE
-                )
-                raise RequestError(code, detail)
-            f.committed = True
-            num_cached = result.num_cached_tokens
-            if not f.delivered:  # timings describe the path of the first token
-                t.prefill_queue_ms = result.queue_s * 1e3
-                t.prefill_ms = result.prefill_s * 1e3
-                t.transfer_ms = result.transfer_s * 1e3
-        while True:
-            try:
-                chunk = await stream.next(f.remaining_s())
-            except (WorkerUnavailable, StreamEnded) as e:
-                raise AttemptFailed(f"decode worker {dclient.name}: {e}", (d,)) from e
-            resp = self._response(r.request_id, chunk)
-            if chunk.token_ids:
-                f.prefill_done()  # a local prefill ends with its first token
-            if not t.ttft_ms and chunk.token_ids:
-                t.decode_queue_ms = chunk.decode_queue_s * 1e3
-                t.ttft_ms = (time.monotonic() - f.arrival_s) * 1e3
-                if p is None:  # the decode worker's queue and prefill are one phase here
-                    t.prefill_ms, t.decode_queue_ms = t.decode_queue_ms, 0.0
-                t.other_ms = t.ttft_ms - (
-                    t.router_ms
-                    + t.prefill_queue_ms
-                    + t.prefill_ms
-                    + t.transfer_ms
-                    + t.decode_queue_ms
-                )
-            if chunk.error:
-                code = (
-                    grpc.StatusCode.DEADLINE_EXCEEDED
-                    if "deadline" in chunk.error
-                    else grpc.StatusCode.ABORTED
-                )
-                raise RequestError(code, f"decode worker {dclient.name}: {chunk.error}")
-            f.delivered.extend(chunk.token_ids)
-            if chunk.finished:
-                f.finished = True
-                t.total_ms = (time.monotonic() - f.arrival_s) * 1e3
-                resp.usage.CopyFrom(
-                    pb.Usage(  # a resumed attempt's prompt holds the tokens delivered before
-                        prompt_tokens=chunk.num_prompt_tokens - f.num_resumed,
-                        completion_tokens=f.num_resumed + chunk.num_output_tokens,
-                        cached_tokens=num_cached if p is not None else chunk.num_cached_tokens,
-                    )
-                )
-                resp.timings.CopyFrom(t)
-                yield resp
-                return
-            yield resp
-
-    @staticmethod
-    def _response(request_id: str, chunk: TokenChunk) -> pb.GenerateResponse:
-        resp = pb.GenerateResponse(
-            request_id=request_id,
-            token_ids=list(chunk.token_ids),
-            text=chunk.text,
-            finish_reason=_FINISH.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
-        )
-        if chunk.logprobs:  # one per token: a mismatch is a bug, and raises here
-            resp.logprobs.extend(
-                pb.TokenLogprob(
-                    token_id=token,
-                    logprob=logprob,
-                    top=[pb.TopLogprob(token_id=t, logprob=x) for t, x in top],
-                )
-                for token, (logprob, top) in zip(chunk.token_ids, chunk.logprobs, strict=True)
-            )
-        return resp
 
     # ---- health and stats ----------------------------------------------------------------
 
