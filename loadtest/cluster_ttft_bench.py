@@ -10,7 +10,10 @@ For the GPU machine with two GPUs (gpu-1p1d.yaml, the llama3-8b shape, random bf
    time to first token and the server's phases from the last response's timings:
    router, prefill queue, prefill, transfer, decode queue, other (Ray calls between them).
 2. Stops it and launches the same model and engine settings as one colocated replica, and
-   sends the same prompts: the greedy tokens must be equal (reported as a match fraction).
+   sends the same prompts: the greedy tokens must be equal (reported as a match fraction),
+   and so must each token's logprob and its `--logprobs` best alternatives (the first
+   token's come from the prefill worker through Commit): the largest logprob difference is
+   reported and must stay within LOGPROB_TOLERANCE, the alternatives' ids equal.
 3. Prints one JSON object per figure; --record merges them into docs/benchmarks.json.
 
 On CPU (`--config cluster_configs/local.yaml --prompt-tokens 200`) it is a smoke test.
@@ -30,6 +33,8 @@ import numpy as np
 
 from loadtest.figures import current_commit, record
 
+LOGPROB_TOLERANCE = 0.05  # nats; the same kernels on the same card type give ~0
+
 PHASES = (
     "router_ms",
     "prefill_queue_ms",
@@ -40,23 +45,38 @@ PHASES = (
 )
 
 
+# per token: (logprob, ((alternative id, its logprob), ...))
+TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+
+
 def _run_requests(
-    address: str, prompts: list[list[int]], max_tokens: int
-) -> tuple[list[list[int]], list[dict[str, float]]]:
+    address: str, prompts: list[list[int]], max_tokens: int, logprobs: int = 0
+) -> tuple[list[list[int]], list[dict[str, float]], list[list[TokenLogprobs]]]:
     from baton.client import BatonClient, build_request
 
-    outputs, rows = [], []
+    outputs, rows, all_logprobs = [], [], []
     with BatonClient(address, timeout_s=600) as client:
         for prompt in prompts:
-            req = build_request(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            req = build_request(
+                prompt,
+                max_tokens=max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+                logprobs=logprobs or None,
+            )
             start = time.perf_counter()
             first_s = None
             ids: list[int] = []
+            lps: list[TokenLogprobs] = []
             last = None
             for resp in client.stream(req):
                 if first_s is None and resp.token_ids:
                     first_s = time.perf_counter() - start
                 ids.extend(resp.token_ids)
+                lps += [
+                    (lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                    for lp in resp.logprobs
+                ]
                 last = resp
             assert last is not None and first_s is not None
             t = last.timings
@@ -65,18 +85,36 @@ def _run_requests(
             row["client_ttft_ms"] = first_s * 1e3
             rows.append(row)
             outputs.append(ids)
-    return outputs, rows
+            all_logprobs.append(lps)
+    return outputs, rows, all_logprobs
+
+
+def compare_logprobs(
+    a: list[list[TokenLogprobs]], b: list[list[TokenLogprobs]]
+) -> tuple[float, bool]:
+    """(largest |logprob difference| over every token and alternative, whether every
+    token's alternatives have the same ids in the same order)."""
+    worst, same_ids = 0.0, True
+    for req_a, req_b in zip(a, b, strict=True):
+        if len(req_a) != len(req_b):
+            return float("inf"), False
+        for (lp_a, top_a), (lp_b, top_b) in zip(req_a, req_b, strict=True):
+            worst = max(worst, abs(lp_a - lp_b))
+            same_ids &= [t for t, _ in top_a] == [t for t, _ in top_b]
+            for (_, x), (_, y) in zip(top_a, top_b, strict=False):
+                worst = max(worst, abs(x - y))
+    return worst, same_ids
 
 
 def _launch_and_run(
-    cfg: Any, prompts: list[list[int]], max_tokens: int, warmup: int
-) -> tuple[list[list[int]], list[dict[str, float]]]:
+    cfg: Any, prompts: list[list[int]], max_tokens: int, warmup: int, logprobs: int
+) -> tuple[list[list[int]], list[dict[str, float]], list[list[TokenLogprobs]]]:
     from baton.launcher import launch
 
     cluster = launch(cfg)
     try:
         _run_requests(cluster.address, prompts[:warmup], max_tokens)  # compile, warm caches
-        return _run_requests(cluster.address, prompts, max_tokens)
+        return _run_requests(cluster.address, prompts, max_tokens, logprobs)
     finally:
         cluster.stop(grace_s=2.0)
 
@@ -92,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--logprobs", type=int, default=2, help="alternatives per token compared (0: off)"
+    )
     parser.add_argument(
         "--transport",
         choices=["auto", "grpc", "cuda_ipc"],
@@ -129,18 +170,33 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        disagg_out, rows = _launch_and_run(
-            cfg, prompts[: args.warmup] + measured, args.max_tokens, args.warmup
+        disagg_out, rows, disagg_lps = _launch_and_run(
+            cfg, prompts[: args.warmup] + measured, args.max_tokens, args.warmup, args.logprobs
         )
-        disagg_out, rows = disagg_out[args.warmup :], rows[args.warmup :]
-        coloc_out, coloc_rows = _launch_and_run(
-            colocated, prompts[: args.warmup] + measured, args.max_tokens, args.warmup
+        disagg_out, rows, disagg_lps = (
+            disagg_out[args.warmup :],
+            rows[args.warmup :],
+            disagg_lps[args.warmup :],
         )
-        coloc_out, coloc_rows = coloc_out[args.warmup :], coloc_rows[args.warmup :]
+        coloc_out, coloc_rows, coloc_lps = _launch_and_run(
+            colocated, prompts[: args.warmup] + measured, args.max_tokens, args.warmup,
+            args.logprobs,
+        )  # fmt: skip
+        coloc_out, coloc_rows, coloc_lps = (
+            coloc_out[args.warmup :],
+            coloc_rows[args.warmup :],
+            coloc_lps[args.warmup :],
+        )
     finally:
         ray.shutdown()
 
     match = sum(a == b for a, b in zip(disagg_out, coloc_out, strict=True)) / len(measured)
+    lp_diff, lp_same_ids = compare_logprobs(disagg_lps, coloc_lps)
+    lp_ok = not args.logprobs or (
+        lp_diff <= LOGPROB_TOLERANCE
+        and lp_same_ids
+        and all(len(lps) == len(ids) for lps, ids in zip(disagg_lps, disagg_out, strict=True))
+    )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     coloc_ttft = statistics.median(r["client_ttft_ms"] for r in coloc_rows)
     card = args.card or _card()
@@ -187,11 +243,22 @@ def main(argv: list[str] | None = None) -> int:
             **common,
         }
     )
+    if args.logprobs:
+        entries.append(
+            {
+                "name": "cluster.disagg_logprobs_max_abs_diff",
+                "value": lp_diff,
+                "unit": "nats",
+                "target": f"<= {LOGPROB_TOLERANCE}, alternatives' ids equal",
+                "note": f"{shape}; {args.logprobs} alternatives per token; ids equal: {lp_same_ids}",
+                **common,
+            }
+        )
     for e in entries:
         print(json.dumps(e))
     if args.record:
         record(entries)
-    return 0 if match == 1.0 else 1
+    return 0 if match == 1.0 and lp_ok else 1
 
 
 def _card() -> str:

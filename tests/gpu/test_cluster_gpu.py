@@ -1,8 +1,9 @@
 """On the GPU machine with two GPUs: gpu-1p1d.yaml (llama3-8b shape, random bf16 weights)
-gives the same greedy tokens as a colocated replica, through the whole cluster.
+gives the same greedy tokens, and the same logprobs with the same two best alternatives per
+token, as a colocated replica, through the whole cluster.
 
 Runs `loadtest/cluster_ttft_bench.py` on a few short requests; it exits non-zero when any
-request's tokens differ. Skipped without two CUDA devices or without Ray.
+request's tokens differ or a logprob differs by more than its tolerance. Skipped without two CUDA devices or without Ray.
 """
 
 from __future__ import annotations
@@ -22,5 +23,5 @@ def test_1p1d_equals_colocated_on_gpu() -> None:
     from loadtest.cluster_ttft_bench import main
 
     argv = ["--config", "cluster_configs/gpu-1p1d.yaml", "--num-requests", "4", "--warmup", "1"]
-    argv += ["--prompt-tokens", "512", "--max-tokens", "16"]
+    argv += ["--prompt-tokens", "512", "--max-tokens", "16", "--logprobs", "2"]
     assert main(argv) == 0
