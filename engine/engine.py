@@ -1,7 +1,8 @@
 """The engine: add requests, step, stream outputs; colocated serving in one object.
 
 One step is three moves: the scheduler picks the batch, the model runner computes it, and
-the results are sampled and checked against each request's stop conditions.
+the results are sampled and checked against each request's stop conditions
+(engine/request.py). The pool's size is worked out at construction (engine/kv_sizing.py).
 
 Besides plain colocated serving, the engine offers the two halves of disaggregation as
 first-class operations on its blocks:
@@ -31,9 +32,11 @@ from engine import gemv
 from engine.attention import make_backend
 from engine.block_manager import BlockManager, PrefixCacheStats
 from engine.config import EngineConfig
-from engine.kv_pool import KVPool, block_bytes, dtype_from_name
+from engine.kv_pool import KVPool, dtype_from_name
+from engine.kv_sizing import num_kv_blocks
 from engine.model import LlamaForCausalLM
 from engine.model_runner import ModelRunner
+from engine.request import EngineRequest, RequestOutput  # RequestOutput: importers use this path
 from engine.sampler import Sampler, SamplingRow, TokenLogprobs, make_generator, token_seed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -42,8 +45,6 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.weights import init_dummy_weights, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_BYTES = 256 * 2**20
 
 
 @contextlib.contextmanager
@@ -64,33 +65,10 @@ class PoolExhausted(Exception):
 
 
 @dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request (a streaming delta)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    logprobs: list[TokenLogprobs]
-
-
-@dataclass(frozen=True)
 class Reservation:
     request_id: str
     block_ids: list[int]  # the sequence's whole block table, in order
     num_cached_tokens: int  # leading tokens already present (prefix-cache hits): not sent
-
-
-@dataclass
-class _Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer | None
-    hold_kv: bool
-    text: str = ""
 
 
 class Engine:
@@ -116,7 +94,7 @@ class Engine:
             load_checkpoint(self.model, Path(model_path))
         self.model.eval()
         gemv.tune(self.model)  # CUDA: cuBLAS or a GEMV for each batch-1 product shape
-        num_blocks = self._num_kv_blocks()
+        num_blocks = num_kv_blocks(config, self.model, self.dtype, self.device)
         # One extra block beyond the manager's range: scratch space for graph padding rows.
         self.pool = KVPool(config.model, num_blocks + 1, config.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(
@@ -128,9 +106,9 @@ class Engine:
         self.runner.warm_up()  # CUDA: compile the eager steps' kernel variants now
         self.runner.capture_decode_graphs()
         self.sampler = Sampler(make_generator(config.seed, self.device))
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, EngineRequest] = {}
         self._held: dict[str, Sequence] = {}
-        self._reserved: dict[str, _Request] = {}
+        self._reserved: dict[str, EngineRequest] = {}
         # The batch of the step in progress (or the last one): on_layer_done hooks read it to
         # know which tokens of which sequences the finished layer has just written.
         self.current_batch = ScheduledBatch()
@@ -145,79 +123,6 @@ class Engine:
             self.device,
             num_blocks * config.block_size,
         )
-
-    # ---- sizing --------------------------------------------------------------------------
-
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        per_block = block_bytes(cfg.model, cfg.block_size, self.dtype)
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        if cfg.kv_cache_memory_bytes is not None:
-            budget = cfg.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            budget = self._profile_free_gpu_bytes()
-        else:
-            budget = DEFAULT_CPU_KV_BYTES
-        num_blocks = budget // per_block - 1  # minus the scratch block
-        if num_blocks < cfg.max_blocks_per_seq:
-            log.warning(
-                "KV pool of %d blocks holds less than one max-length sequence (%d blocks)",
-                num_blocks,
-                cfg.max_blocks_per_seq,
-            )
-        if num_blocks <= 0:
-            raise ValueError(
-                f"no room for the KV pool: budget {budget} bytes, {per_block} bytes per block"
-            )
-        return int(num_blocks)
-
-    @torch.inference_mode()
-    def _profile_free_gpu_bytes(self) -> int:
-        """GPU bytes left for KV after weights and the peak activations of a full step."""
-        cfg = self.config
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        tokens = cfg.max_num_batched_tokens
-        probe_blocks = (tokens + cfg.block_size - 1) // cfg.block_size + 1
-        probe_pool = KVPool(cfg.model, probe_blocks, cfg.block_size, self.dtype, self.device)
-        backend = make_backend(probe_pool, cfg.model.num_attention_heads, cfg.model.head_dim)
-        from engine.attention import AttentionMetadata
-
-        n = min(tokens, cfg.resolved_max_model_len)
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, dtype=torch.long, device=self.device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_tables=torch.arange(probe_blocks, dtype=torch.int32, device=self.device)[None],
-            num_prefill_seqs=1,
-            num_prefill_tokens=n,
-            max_query_len=n,
-            query_lens_cpu=[n],
-            seq_lens_cpu=[n],
-        )
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), backend, meta)
-        rows = min(cfg.max_num_seqs, n)
-        self.model.compute_logits(hidden[:rows])
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - probe_pool.num_bytes
-        del probe_pool, backend, hidden
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        # Memory outside torch's allocator (CUDA context, NCCL, other processes).
-        free, _ = torch.cuda.mem_get_info(self.device)
-        non_torch = total - free - torch.cuda.memory_reserved(self.device)
-        budget = int(total * cfg.gpu_memory_utilization) - peak - non_torch
-        log.info(
-            "GPU memory: total %.1f GiB, weights+activations peak %.1f GiB, other %.1f GiB, "
-            "KV budget %.1f GiB",
-            total / 2**30,
-            peak / 2**30,
-            non_torch / 2**30,
-            budget / 2**30,
-        )
-        return budget
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -275,7 +180,7 @@ class Engine:
         hold_kv: keep the blocks after the request finishes, for export (prefill side).
         """
         seq = self._new_sequence(request_id, prompt_token_ids, params, cache_salt)
-        self._requests[request_id] = _Request(seq, self._detokenizer(seq.token_ids), hold_kv)
+        self._requests[request_id] = EngineRequest(seq, self._detokenizer(seq.token_ids), hold_kv)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
@@ -364,63 +269,16 @@ class Engine:
         return outputs
 
     def _append_token(
-        self, req: _Request, token: int, logprobs: TokenLogprobs | None
+        self, req: EngineRequest, token: int, logprobs: TokenLogprobs | None
     ) -> RequestOutput:
-        seq = req.seq
-        seq.token_ids.append(token)
-        params = seq.params
-        new_text = req.detok.push(token) if req.detok is not None else ""
-        reason: FinishReason | None = None
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_token_ids
-        ):
-            reason = FinishReason.STOP
-        elif params.stop and new_text:
-            new_text, hit = self._apply_stop_strings(req, new_text)
-            if hit:
-                reason = FinishReason.STOP
-        req.text += new_text
-        if reason is None and (
-            seq.num_output_tokens >= params.max_tokens
-            or seq.num_tokens >= self.config.resolved_max_model_len
-        ):
-            reason = FinishReason.LENGTH
-        if reason is not None:
-            if req.detok is not None and reason is FinishReason.LENGTH:
-                tail = req.detok.flush()  # a held-back incomplete character, if any
-                new_text += tail
-                req.text += tail
-            self._finish(req, reason)
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=[token],
-            new_text=new_text,
-            finished=reason is not None,
-            finish_reason=reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            logprobs=[] if logprobs is None else [logprobs],
+        new_text, reason = req.append_token(
+            token, self.eos_token_ids, self.config.resolved_max_model_len
         )
+        if reason is not None:
+            self._finish(req, reason)
+        return req.output(token, new_text, reason, logprobs)
 
-    @staticmethod
-    def _apply_stop_strings(req: _Request, new_text: str) -> tuple[str, bool]:
-        """Cut new_text at the first stop string that ends in it."""
-        params = req.seq.params
-        window = max(len(s) for s in params.stop) - 1
-        tail = req.text[-window:] if window else ""
-        joined = tail + new_text
-        best: int | None = None
-        for stop in params.stop:
-            idx = joined.find(stop)
-            if idx != -1:
-                end = idx + len(stop) if params.include_stop_str_in_output else idx
-                best = end if best is None else min(best, end)
-        if best is None:
-            return new_text, False
-        return joined[len(tail) : max(best, len(tail))], True
-
-    def _finish(self, req: _Request, reason: FinishReason) -> None:
+    def _finish(self, req: EngineRequest, reason: FinishReason) -> None:
         seq = req.seq
         seq.finish_reason = reason
         del self._requests[seq.request_id]
@@ -466,7 +324,7 @@ class Engine:
                 f"{self.block_manager.num_free_blocks} free KV blocks; request needs "
                 f"{self.block_manager.blocks_for(seq.num_tokens)}"
             )
-        self._reserved[request_id] = _Request(seq, self._detokenizer(seq.token_ids), False)
+        self._reserved[request_id] = EngineRequest(seq, self._detokenizer(seq.token_ids), False)
         return Reservation(request_id, list(seq.block_table), seq.num_computed_tokens)
 
     def commit(
