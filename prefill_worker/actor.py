@@ -12,7 +12,8 @@ import ray
 
 from decode_worker.messages import PrefillResult, PrefillTask, WorkerLoad
 from kv_transfer.transport import TransportKind, make_transport
-from prefill_worker.worker import PrefillWorker, TransportFactory
+from prefill_worker.streamers import TransportFactory
+from prefill_worker.worker import PrefillWorker
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -25,7 +25,8 @@ A request, through the prefill worker's queues in order:
                blocks freed, the Future resolves with the status and a gRPC code name
 
 One `LayerStreamer` (kv_transfer/layer_stream.py) per decode worker, all over the one
-engine: the loop steps the engine itself and fans each layer's hook out to every streamer.
+engine: the loop steps the engine itself and fans each layer's hook out to every streamer
+(their `StreamerPool`: streamers.py). A task's state, backoff and result: inbox.py.
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import grpc
 
@@ -50,52 +49,14 @@ from decode_worker.messages import (
     WorkerRole,
 )
 from engine.engine import Engine
-from engine.kv_pool import KVPool
-from kv_transfer.client import ClientConfig, KVTransferClient
 from kv_transfer.layer_stream import LayerStreamer, TransferOutcome, TransferStatus
-from kv_transfer.transport import KVTransport, TransportKind, make_transport
+from kv_transfer.transport import TransportKind, make_transport
+from prefill_worker.inbox import AbortMessage, InboxItem, PendingTask, RetireMessage
+from prefill_worker.streamers import StreamerPool, TransportFactory
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
-# Reserve refused for lack of room on the decode side: retry with exponential backoff
-# (the request waits here, as it would in a queue) until its deadline.
-RESERVE_RETRY_FIRST_S = 0.005
-RESERVE_RETRY_MAX_S = 0.2
-# A decode worker's client and transport are closed after this long without a request.
-STREAMER_IDLE_CLOSE_S = 300.0
-
-# Builds the transport towards one decode worker: `make_transport`, or a wrapper of it
-# (prefill_worker/faults.py injects transfer faults this way).
-TransportFactory = Callable[[TransportKind, KVTransferClient, KVPool], KVTransport]
-
-
-@dataclass(eq=False)
-class _Task:
-    task: PrefillTask
-    future: Future[PrefillResult]
-    arrival_s: float = field(default_factory=time.monotonic)
-    deadline_s: float = 0.0
-    first_step_s: float | None = None
-    retry_at_s: float = 0.0
-    retry_wait_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.deadline_s = self.arrival_s + self.task.timeout_s
-
-
-@dataclass(frozen=True)
-class _Abort:
-    request_id: str
-    reason: str
-    future: Future[bool]
-
-
-@dataclass(frozen=True)
-class _Retire:
-    """A transfer to this decode worker failed after the loop let go of it (its Commit)."""
-
-    kv_address: str
 
 
 class PrefillWorker:
@@ -116,20 +77,22 @@ class PrefillWorker:
         self.name = name
         self.engine = engine
         self.node_id = node_id
-        self._token = kv_auth_token
-        self._transport_kind = transport
-        self._make_transport = transport_factory
-        self._lease_s = lease_s
-        self._finish_timeout_s = finish_timeout_s
-        self._tls_root_pem = kv_tls_root_pem
-        self._tls_server_name = kv_tls_server_name
-        self._inbox: queue.SimpleQueue[_Task | _Abort | _Retire] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streamers: dict[str, LayerStreamer] = {}  # kv address -> streamer
-        self._last_used_s: dict[str, float] = {}  # kv address -> when a request last used it
+        self._streamers = StreamerPool(
+            name,
+            engine,
+            kv_auth_token,
+            transport,
+            transport_factory,
+            lease_s,
+            finish_timeout_s,
+            kv_tls_root_pem,
+            kv_tls_server_name,
+        )
         self._owner: dict[str, LayerStreamer] = {}  # request id -> its streamer
-        self._tasks: dict[str, _Task] = {}  # in the engine, by request id
-        self._deferred: list[_Task] = []  # Reserve refused (decode side full): retry later
+        self._tasks: dict[str, PendingTask] = {}  # in the engine, by request id
+        self._deferred: list[PendingTask] = []  # Reserve refused (decode side full): retry later
         self._num_inbox = 0
         self._num_deferred = 0  # len(_deferred), readable from other threads
         self._num_done = 0
@@ -152,8 +115,7 @@ class PrefillWorker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10.0)
-        for addr in list(self._streamers):
-            self._retire(addr)
+        self._streamers.retire_all()
 
     @property
     def healthy(self) -> bool:
@@ -179,19 +141,19 @@ class PrefillWorker:
             return fut
         with self._stats_lock:
             self._num_inbox += 1
-        self._inbox.put(_Task(task, fut))
+        self._inbox.put(PendingTask(task, fut))
         self._wake.set()
         return fut
 
     def abort(self, request_id: str, reason: str = "aborted") -> Future[bool]:
         fut: Future[bool] = Future()
-        self._inbox.put(_Abort(request_id, reason, fut))
+        self._inbox.put(AbortMessage(request_id, reason, fut))
         self._wake.set()
         return fut
 
     def transport_kinds(self) -> dict[str, str]:
         """Decode worker KV address -> transport in use ("grpc", "cuda_ipc")."""
-        return {addr: s.transport.kind.value for addr, s in list(self._streamers.items())}
+        return self._streamers.transport_kinds()
 
     def load(self) -> WorkerLoad:
         with self._stats_lock:
@@ -227,7 +189,7 @@ class PrefillWorker:
             for rid in list(self._tasks):
                 self._abort_task(rid, "prefill worker stopping", PrefillStatus.FAILED)
             for t in self._deferred:
-                self._resolve(t, PrefillStatus.REJECTED, "UNAVAILABLE", "prefill worker stopping")
+                t.resolve(PrefillStatus.REJECTED, "UNAVAILABLE", "prefill worker stopping")
             self._deferred.clear()
             self._fail_inbox()
 
@@ -237,60 +199,15 @@ class PrefillWorker:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Retire):
+            if isinstance(item, RetireMessage):
                 continue
-            if isinstance(item, _Task):
-                item.future.set_result(
-                    PrefillResult(
-                        item.task.request_id,
-                        PrefillStatus.REJECTED,
-                        code="UNAVAILABLE",
-                        detail="prefill worker stopping",
-                    )
-                )
+            if isinstance(item, PendingTask):
+                item.resolve(PrefillStatus.REJECTED, "UNAVAILABLE", "prefill worker stopping")
             else:
                 item.future.set_result(False)
 
-    def _streamer(self, kv_address: str) -> LayerStreamer:
-        now = time.monotonic()
-        self._last_used_s[kv_address] = now
-        for addr, last_s in list(self._last_used_s.items()):
-            if now - last_s > STREAMER_IDLE_CLOSE_S:
-                self._retire(addr)
-        s = self._streamers.get(kv_address)
-        if s is None:
-            client = KVTransferClient(
-                ClientConfig(
-                    target=kv_address,
-                    auth_token=self._token,
-                    tls_root_certs_pem=self._tls_root_pem,
-                    tls_server_name=self._tls_server_name,
-                )
-            )
-            transport = self._make_transport(self._transport_kind, client, self.engine.pool)
-            s = LayerStreamer(self.engine, client, transport, self._lease_s, self._finish_timeout_s)
-            self._streamers[kv_address] = s
-        return s
-
-    def _retire(self, kv_address: str) -> None:
-        """Close the client and transport to a decode worker that failed or went unused
-        (a restarted decode worker has a new address; the GPU path would otherwise keep
-        the dead worker's pool mapped), unless transfers to it are still in flight."""
-        s = self._streamers.get(kv_address)
-        if s is not None and s.num_in_flight:
-            return
-        self._last_used_s.pop(kv_address, None)
-        if s is None:
-            return
-        del self._streamers[kv_address]
-        try:
-            s.close()
-        except Exception:  # a failed unmap must not take the prefill loop down
-            log.exception("%s: closing the transport to %s failed", self.name, kv_address)
-        log.info("%s: closed the KV-transfer client to %s", self.name, kv_address)
-
     def _drain_inbox(self) -> None:
-        starting: list[_Task] = []
+        starting: list[PendingTask] = []
         if self._deferred:
             now = time.monotonic()
             starting = [t for t in self._deferred if t.retry_at_s <= now]
@@ -300,20 +217,20 @@ class PrefillWorker:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, _Abort):
+            if isinstance(item, AbortMessage):
                 # A task of this very drain is not started yet: drop it before its Reserve.
                 mine = [t for t in starting if t.task.request_id == item.request_id]
                 for t in mine:
                     starting.remove(t)
-                    self._resolve(t, PrefillStatus.ABORTED, "CANCELLED", item.reason)
+                    t.resolve(PrefillStatus.ABORTED, "CANCELLED", item.reason)
                 item.future.set_result(
                     bool(mine)
                     or self._abort_task(item.request_id, item.reason, PrefillStatus.ABORTED)
                     or self._drop_deferred(item.request_id, item.reason)
                 )
                 continue
-            if isinstance(item, _Retire):
-                self._retire(item.kv_address)
+            if isinstance(item, RetireMessage):
+                self._streamers.retire(item.kv_address)
                 continue
             with self._stats_lock:
                 self._num_inbox -= 1
@@ -321,45 +238,43 @@ class PrefillWorker:
         if starting:
             self._start(starting)
 
-    def _start(self, tasks: list[_Task]) -> None:
+    def _start(self, tasks: list[PendingTask]) -> None:
         """Reserve for the tasks and queue each reserved prompt. Reserves to one decode
         worker go one after another, in arrival order (its free blocks go first come first
         served); those to different decode workers overlap their round trips."""
-        by_address: dict[str, list[_Task]] = {}
+        by_address: dict[str, list[PendingTask]] = {}
         ids = set(self._tasks)
         for t in tasks:
             rid = t.task.request_id
             if time.monotonic() >= t.deadline_s:
-                self._resolve(
-                    t, PrefillStatus.DEADLINE, "DEADLINE_EXCEEDED", "deadline passed in the queue"
+                t.resolve(
+                    PrefillStatus.DEADLINE, "DEADLINE_EXCEEDED", "deadline passed in the queue"
                 )
             elif rid in ids:
-                self._resolve(
-                    t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", f"request_id {rid!r} in use"
-                )
+                t.resolve(PrefillStatus.REJECTED, "INVALID_ARGUMENT", f"request_id {rid!r} in use")
             else:
                 ids.add(rid)
                 by_address.setdefault(t.task.kv_address, []).append(t)
         while by_address:
-            sent: list[tuple[_Task, LayerStreamer, grpc.Future]] = []
+            sent: list[tuple[PendingTask, LayerStreamer, grpc.Future]] = []
             for address, queued in list(by_address.items()):
                 t = queued.pop(0)
                 if not queued:
                     del by_address[address]
-                streamer = self._streamer(address)
+                streamer = self._streamers.get(address)
                 task = t.task
                 try:
                     future = streamer.reserve_future(
                         task.request_id, list(task.prompt_token_ids), task.params, task.cache_salt
                     )
                 except ValueError as e:
-                    self._resolve(t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", str(e))
+                    t.resolve(PrefillStatus.REJECTED, "INVALID_ARGUMENT", str(e))
                     continue
                 sent.append((t, streamer, future))
             for t, streamer, future in sent:
                 self._add_reserved(t, streamer, future)
 
-    def _add_reserved(self, t: _Task, streamer: LayerStreamer, future: grpc.Future) -> None:
+    def _add_reserved(self, t: PendingTask, streamer: LayerStreamer, future: grpc.Future) -> None:
         task = t.task
         rid = task.request_id
         try:
@@ -372,36 +287,30 @@ class PrefillWorker:
                 self._defer(t)
                 return
             if e.code() is grpc.StatusCode.UNAVAILABLE:
-                self._retire(task.kv_address)  # a later request reconnects afresh
-            self._resolve(t, PrefillStatus.REJECTED, e.code().name, f"Reserve: {e.details()}")
+                self._streamers.retire(task.kv_address)  # a later request reconnects afresh
+            t.resolve(PrefillStatus.REJECTED, e.code().name, f"Reserve: {e.details()}")
             return
         except ValueError as e:
-            self._resolve(t, PrefillStatus.REJECTED, "INVALID_ARGUMENT", str(e))
+            t.resolve(PrefillStatus.REJECTED, "INVALID_ARGUMENT", str(e))
             return
         self._owner[rid] = streamer
         self._tasks[rid] = t
 
-    def _defer(self, t: _Task) -> None:
-        t.retry_wait_s = min(max(2 * t.retry_wait_s, RESERVE_RETRY_FIRST_S), RESERVE_RETRY_MAX_S)
-        t.retry_at_s = time.monotonic() + t.retry_wait_s
+    def _defer(self, t: PendingTask) -> None:
+        t.back_off()
         self._deferred.append(t)
 
     def _drop_deferred(self, rid: str, reason: str) -> bool:
         for t in self._deferred:
             if t.task.request_id == rid:
                 self._deferred.remove(t)
-                self._resolve(t, PrefillStatus.ABORTED, "CANCELLED", reason)
+                t.resolve(PrefillStatus.ABORTED, "CANCELLED", reason)
                 return True
         return False
 
-    def _on_layer_done(self, layer_idx: int) -> None:
-        for s in self._streamers.values():
-            if s.num_in_flight:
-                s.on_layer_done(layer_idx)
-
     def _step(self) -> None:
         start_s = time.monotonic()
-        outputs = self.engine.step(on_layer_done=self._on_layer_done)
+        outputs = self.engine.step(on_layer_done=self._streamers.on_layer_done)
         end_s = time.monotonic()
         end_perf = time.perf_counter()
         steps, step_s, rows = self._steps
@@ -431,7 +340,7 @@ class PrefillWorker:
 
     def _committed(
         self,
-        t: _Task,
+        t: PendingTask,
         num_cached_tokens: int,
         first_step_s: float,
         end_s: float,
@@ -439,26 +348,13 @@ class PrefillWorker:
     ) -> None:
         """A request's transfer ended (Commit answered, or failed): resolve its Future. Runs
         on a gRPC thread, or on the loop's when the transfer failed before Commit."""
-        ok = outcome.status is TransferStatus.COMMITTED
-        if not ok:  # closed on the loop's thread once nothing else is in flight there
-            self._inbox.put(_Retire(t.task.kv_address))
+        if outcome.status is not TransferStatus.COMMITTED:
+            # closed on the loop's thread once nothing else is in flight there
+            self._inbox.put(RetireMessage(t.task.kv_address))
             self._wake.set()
         with self._stats_lock:
             self._num_done += 1
-        t.future.set_result(
-            PrefillResult(
-                request_id=t.task.request_id,
-                status=PrefillStatus.COMMITTED if ok else PrefillStatus.FAILED,
-                first_token_id=outcome.first_token_id if ok else None,
-                num_cached_tokens=num_cached_tokens,
-                queue_s=first_step_s - t.arrival_s,
-                prefill_s=end_s - first_step_s,
-                transfer_s=outcome.record.exposed_s,
-                num_bytes=outcome.record.num_bytes,
-                code="" if ok else "UNAVAILABLE",
-                detail=outcome.detail,
-            )
-        )
+        t.future.set_result(t.transfer_result(outcome, num_cached_tokens, first_step_s, end_s))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -475,12 +371,8 @@ class PrefillWorker:
             return False
         streamer.abort(rid, reason)
         code = "DEADLINE_EXCEEDED" if status is PrefillStatus.DEADLINE else "CANCELLED"
-        self._resolve(t, status, code, reason)
+        t.resolve(status, code, reason)
         return True
-
-    @staticmethod
-    def _resolve(t: _Task, status: PrefillStatus, code: str, detail: str) -> None:
-        t.future.set_result(PrefillResult(t.task.request_id, status, code=code, detail=detail))
 
     def _publish_load(self) -> None:
         e = self.engine
