@@ -550,16 +550,21 @@ def test_failing_encode_fails_the_transfer_and_frees(
 
     monkeypatch.setattr(transport_module, "encode_layer", encode_then_fail)
     blocks, _ = prefill_held(prefill, "e", PROMPT)
-    with decode.client(encode_ahead=encode_ahead) as client:
-        r = client.reserve("e", PROMPT, GREEDY, KVLayout.of_pool(prefill.pool))
-        session = GrpcTransport(client, prefill.pool).open(r)
-        for layer in range(prefill.pool.num_layers):
-            session.send_layer(layer, 0, blocks)
-        with pytest.raises(TransferError):
-            session.finish(timeout_s=10)
-        assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
-        expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
-    prefill.release("e")
+    try:
+        with decode.client(encode_ahead=encode_ahead) as client:
+            r = client.reserve("e", PROMPT, GREEDY, KVLayout.of_pool(prefill.pool))
+            session = GrpcTransport(client, prefill.pool).open(r)
+            for layer in range(prefill.pool.num_layers):
+                session.send_layer(layer, 0, blocks)
+            with pytest.raises(TransferError):
+                session.finish(timeout_s=10)
+            # As LayerStreamer does after a failed finish: gRPC cancels the stream, but the
+            # decode side may see it end normally (gRPC Python), so the sender aborts.
+            client.abort(r, "encode failed")  # False if the stream's end freed it first
+            assert wait_until(lambda: decode.engine.num_free_blocks == decode.free_at_start)
+            expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
+    finally:
+        prefill.release("e")
 
 
 def test_commit_before_every_block_arrived_is_refused(decode: Decode):
