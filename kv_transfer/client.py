@@ -6,6 +6,7 @@ with the server's status code and message.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.wire import (
     DEFAULT_CHUNK_BYTES,
+    END_OF_STREAM,
     TOKEN_METADATA_KEY,
     KVLayout,
     sampling_to_pb,
@@ -151,11 +153,14 @@ class KVTransferClient:
         """Start a chunk stream of serialized KVChunk messages; result: StreamSummary.
 
         gRPC's request thread pulls the next message once the previous one is handed to the
-        transport and builds it then (GrpcTransport encodes there: an encoder thread running
-        ahead cost more CPU than it hid on a 2-core machine).
+        transport. When `messages` ends, `END_OF_STREAM` follows it: the receiver's proof
+        that the stream ended on purpose. If `messages` raises, gRPC cancels the stream and
+        no end marker goes out.
         """
         return self._stream_chunks.future(
-            messages, timeout=self.config.stream_timeout_s, metadata=self._metadata
+            itertools.chain(messages, (END_OF_STREAM,)),
+            timeout=self.config.stream_timeout_s,
+            metadata=self._metadata,
         )
 
     def stream(self, messages: Iterator[bytes]) -> pb.StreamSummary:

@@ -7,7 +7,8 @@ A transfer, as the servicer sees it:
   StreamChunks  one stream per reservation; each chunk is checked (reservation and epoch,
                 layout, block range, size, checksum) and written straight into the reserved
                 blocks. Any bad chunk ends the lease (blocks freed) and the stream with a
-                status; a stream that breaks off (peer gone, cancelled) ends it too.
+                status; a stream that breaks off (peer gone, cancelled: it ends without the
+                sender's END_OF_STREAM message) ends it too.
   Commit        every (layer, block) must have arrived (or, on the GPU path, the digests of
                 what landed must match the sender's); then the sink's engine owns the blocks
   Abort         frees the blocks; idempotent
@@ -37,7 +38,13 @@ from kv_transfer.chunk_writer import CHUNK_ERROR_CODES, ChunkWriter
 from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
 from kv_transfer.metrics import TransferCounters
 from kv_transfer.sink import KVSink, ReserveSpec, SinkFull
-from kv_transfer.wire import ChunkError, KVLayout, sampling_from_pb, split_chunk
+from kv_transfer.wire import (
+    END_OF_STREAM,
+    ChunkError,
+    KVLayout,
+    sampling_from_pb,
+    split_chunk,
+)
 from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
 
@@ -151,6 +158,14 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
             for message in request_iterator:  # serialized KVChunks (see _add_servicer)
                 if writer is not None and writer.failure is not None:
                     break
+                if stream.end_marked:
+                    self._fail_stream(stream, "a message after the end of the stream")
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "a message after the end of the stream"
+                    )
+                if message == END_OF_STREAM:
+                    stream.end_marked = True
+                    continue
                 try:
                     received = split_chunk(message)
                 except ChunkError as e:
@@ -185,16 +200,20 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                 writer.close()  # every chunk handed over is written (or dropped after a failure)
         if writer is not None and writer.failure is not None:
             context.abort(*writer.failure)
-        if not context.is_active():
+        if not stream.end_marked or not context.is_active():
             # The peer went away: gRPC can end the request iterator as if the stream had
-            # finished. Free the blocks now rather than when the lease expires.
-            if stream.lease is not None:
-                with stream.lease.lock:
-                    self.fail_lease(stream.lease, "chunk stream broke off (peer gone)")
+            # finished, but only a sender that finished sends END_OF_STREAM. Free the
+            # blocks now rather than when the lease expires.
+            self._fail_stream(stream, "chunk stream broke off (no end marker: peer gone)")
             context.abort(grpc.StatusCode.CANCELLED, "chunk stream broke off")
         stream.ended_ok = True
         self.counters.add("bytes_received", stream.num_bytes)
         return pb.StreamSummary(num_chunks=stream.num_chunks, num_bytes=stream.num_bytes)
+
+    def _fail_stream(self, stream: _StreamState, reason: str) -> None:
+        if stream.lease is not None:
+            with stream.lease.lock:
+                self.fail_lease(stream.lease, reason)
 
     def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext):  # noqa: N802
         try:
@@ -295,6 +314,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 @dataclass
 class _StreamState:
     lease: Lease | None = None
+    end_marked: bool = False  # END_OF_STREAM arrived: the sender finished on purpose
     ended_ok: bool = False
     num_chunks: int = 0
     num_bytes: int = 0

@@ -43,6 +43,10 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 TOKEN_METADATA_KEY = "x-baton-kv-token"  # gRPC metadata key of the shared token
+# The sender ends every chunk stream with one empty message. A stream whose request iterator
+# ends without it broke off: gRPC Python can end a cancelled or dead peer's stream on the
+# server as if it had finished, so the receiver must not take a plain end as the sender's.
+END_OF_STREAM = b""
 DATA_FIELD_NUMBER = pb.KVChunk.DESCRIPTOR.fields_by_name["data"].number
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
 

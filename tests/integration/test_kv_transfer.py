@@ -32,7 +32,7 @@ from kv_transfer.layer_stream import LayerStreamer, TransferStatus
 from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server
 from kv_transfer.sink import EngineSink
 from kv_transfer.transport import GrpcTransport, TransferError
-from kv_transfer.wire import KVLayout, checksum, encode_layer
+from kv_transfer.wire import END_OF_STREAM, KVLayout, checksum, encode_layer
 from protos import kv_transfer_pb2 as pb
 
 pytestmark = [
@@ -565,6 +565,36 @@ def test_failing_encode_fails_the_transfer_and_frees(
             expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
     finally:
         prefill.release("e")
+
+
+def unmarked_stream(client: KVTransferClient, *messages: bytes) -> pb.StreamSummary:
+    """A chunk stream that ends without END_OF_STREAM, as a stream of a sender that died
+    between messages can look to the receiver."""
+    return client._stream_chunks(iter(messages), timeout=10, metadata=client._metadata)
+
+
+def test_stream_ending_without_its_end_marker_frees_blocks_at_once(decode: Decode):
+    with decode.client() as client:
+        r, layout = reserve_prompt(client, lease_s=60.0)  # expiry would come far too late
+        chunks = [raw_chunk(r, layout, layer, 0, 7).SerializeToString() for layer in (0, 1)]
+        assert "broke off" in expect_status(
+            grpc.StatusCode.CANCELLED, lambda: unmarked_stream(client, *chunks)
+        )
+        assert decode.engine.num_free_blocks == decode.free_at_start
+        expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
+        assert decode.server.servicer.counters.snapshot().transfers_failed == 1
+
+
+def test_message_after_the_end_marker_is_refused_and_frees_blocks(decode: Decode):
+    with decode.client() as client:
+        r, layout = reserve_prompt(client, lease_s=60.0)
+        first, second = (raw_chunk(r, layout, layer, 0, 7).SerializeToString() for layer in (0, 1))
+        assert "after the end" in expect_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda: unmarked_stream(client, first, END_OF_STREAM, second),
+        )
+        assert decode.engine.num_free_blocks == decode.free_at_start
+        expect_status(grpc.StatusCode.NOT_FOUND, lambda: client.commit(r, 1))
 
 
 def test_commit_before_every_block_arrived_is_refused(decode: Decode):
