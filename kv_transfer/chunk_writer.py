@@ -23,10 +23,11 @@ from collections.abc import Callable
 
 import grpc
 
+from kv_transfer.chunk_error import ChunkError, ChunkErrorKind
 from kv_transfer.lease import Lease, LeaseState
 from kv_transfer.metrics import TransferCounters
 from kv_transfer.sink import KVSink
-from kv_transfer.wire import ChunkError, ChunkErrorKind, ReceivedChunk, decode_chunk
+from kv_transfer.wire import ReceivedChunk, decode_chunk
 
 log = logging.getLogger(__name__)
 

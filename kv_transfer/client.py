@@ -14,13 +14,9 @@ import grpc
 
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
-from kv_transfer.wire import (
-    DEFAULT_CHUNK_BYTES,
-    END_OF_STREAM,
-    TOKEN_METADATA_KEY,
-    KVLayout,
-    sampling_to_pb,
-)
+from kv_transfer.layout import KVLayout
+from kv_transfer.sampling_options import sampling_to_pb
+from kv_transfer.wire import DEFAULT_CHUNK_BYTES, END_OF_STREAM, TOKEN_METADATA_KEY
 from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
 

@@ -65,6 +65,7 @@ from kv_transfer.ipc_plan import (
     layer_digests,  # noqa: F401  (callers import it from here)
     plan_copies,
 )
+from kv_transfer.layout import KVLayout
 from kv_transfer.transport import (
     KVTransport,
     SentBytes,
@@ -72,7 +73,6 @@ from kv_transfer.transport import (
     TransferSession,
     TransportKind,
 )
-from kv_transfer.wire import KVLayout
 from protos import kv_transfer_pb2 as pb
 
 _SPIN_S = 0.002  # finish spins this long before sleeping between polls (a layer: 20-60 us)

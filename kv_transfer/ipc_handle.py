@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from kv_transfer.cuda_runtime import CUDA_IPC_HANDLE_SIZE, CudaRuntime
-from kv_transfer.wire import dtype_from_pb, dtype_to_pb
+from kv_transfer.layout import dtype_from_pb, dtype_to_pb
 from protos import kv_transfer_pb2 as pb
 
 

@@ -37,9 +37,9 @@ from engine.engine import Engine
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.client import KVTransferClient, RemoteReservation
+from kv_transfer.layout import KVLayout
 from kv_transfer.metrics import TransferRecord
 from kv_transfer.transport import KVTransport, SentBytes, TransferSession
-from kv_transfer.wire import KVLayout
 
 log = logging.getLogger(__name__)
 

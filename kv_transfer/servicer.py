@@ -34,17 +34,14 @@ import torch
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import MAX_LOGPROBS
 from kv_transfer import ipc_handle, ipc_plan
+from kv_transfer.chunk_error import ChunkError
 from kv_transfer.chunk_writer import CHUNK_ERROR_CODES, ChunkWriter
+from kv_transfer.layout import KVLayout
 from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
 from kv_transfer.metrics import TransferCounters
+from kv_transfer.sampling_options import sampling_from_pb
 from kv_transfer.sink import KVSink, ReserveSpec, SinkFull
-from kv_transfer.wire import (
-    END_OF_STREAM,
-    ChunkError,
-    KVLayout,
-    sampling_from_pb,
-    split_chunk,
-)
+from kv_transfer.wire import END_OF_STREAM, split_chunk
 from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
 

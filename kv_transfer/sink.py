@@ -24,7 +24,7 @@ from engine.engine import Engine, PoolExhausted, RequestOutput
 from engine.kv_pool import KVPool
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
-from kv_transfer.wire import KVLayout, write_kv
+from kv_transfer.layout import KVLayout, write_kv
 
 
 class SinkFull(Exception):

@@ -1,4 +1,4 @@
-"""Wire format of the KV-transfer service: layouts, chunks, checksums, sampling options.
+"""Wire format of the KV-transfer service: chunks and checksums.
 
 A chunk carries K then V of a run of blocks of one layer, in the order of the request's
 block table:
@@ -20,11 +20,14 @@ copies a message once into its own buffers on each side, bare or not.)
 Checksum: xxh3_64 (xxhash), about 20 GB/s on one core; zlib's crc32 runs at 1 to 4 GB/s
 depending on the build and would be a visible share. It guards against corruption and
 framing bugs, not against an attacker (the shared token and TLS do that).
+
+The pool's layout and its blocks as bytes: kv_transfer/layout.py; the sampling options sent
+with Reserve: kv_transfer/sampling_options.py; why a chunk is refused:
+kv_transfer/chunk_error.py.
 """
 
 from __future__ import annotations
 
-import enum
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +37,8 @@ import xxhash
 from google.protobuf.message import DecodeError
 
 from engine.kv_pool import KVPool
-from engine.sampling_params import SamplingParams
+from kv_transfer.chunk_error import ChunkError, ChunkErrorKind
+from kv_transfer.layout import KVLayout, dtype_to_pb, kv_buffers
 from protos import kv_transfer_pb2 as pb
 
 # torch.frombuffer warns (once) that the received bytes are read-only; the receiver only
@@ -49,73 +53,6 @@ TOKEN_METADATA_KEY = "x-baton-kv-token"  # gRPC metadata key of the shared token
 END_OF_STREAM = b""
 DATA_FIELD_NUMBER = pb.KVChunk.DESCRIPTOR.fields_by_name["data"].number
 _WIRE_VARINT, _WIRE_I64, _WIRE_LEN, _WIRE_I32 = 0, 1, 2, 5
-
-_DTYPE_TO_PB = {
-    torch.float32: pb.DTYPE_FLOAT32,
-    torch.bfloat16: pb.DTYPE_BFLOAT16,
-    torch.float16: pb.DTYPE_FLOAT16,
-}
-_PB_TO_DTYPE = {v: k for k, v in _DTYPE_TO_PB.items()}
-
-
-def dtype_to_pb(dtype: torch.dtype) -> int:
-    if dtype not in _DTYPE_TO_PB:
-        raise ValueError(f"KV dtype {dtype} cannot be transferred; use float32, bfloat16, float16")
-    return _DTYPE_TO_PB[dtype]
-
-
-def dtype_from_pb(value: int) -> torch.dtype:
-    if value not in _PB_TO_DTYPE:
-        raise ChunkError(ChunkErrorKind.BAD_LAYOUT, f"unknown dtype enum {value}")
-    return _PB_TO_DTYPE[value]
-
-
-def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """(start, length) of the runs of consecutive ids, in order."""
-    runs: list[tuple[int, int]] = []
-    for b in block_ids:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((b, 1))
-    return runs
-
-
-def kv_buffers(pool: KVPool, layer_idx: int, block_ids: Sequence[int]) -> list[memoryview]:
-    """K then V of `block_ids` in one layer as flat byte views, in block-table order.
-
-    CPU pool: one zero-copy view per half and run of consecutive blocks (the pool's rows of a
-    run are contiguous); the caller must keep the blocks unchanged while it uses the views.
-    GPU pool: one gather and one device-to-host copy into a single buffer.
-    """
-    if pool.device.type != "cpu":
-        kv = pool.read_blocks(layer_idx, block_ids).cpu()  # [2, n, bs, Hkv, D]
-        return [_byte_view(kv)]
-    runs = block_runs(block_ids)
-    return [
-        _byte_view(pool.cache[layer_idx, half, start : start + n])  # [n, bs, Hkv, D], contiguous
-        for half in (0, 1)
-        for start, n in runs
-    ]
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    assert t.is_contiguous() and t.device.type == "cpu"
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def write_kv(pool: KVPool, layer_idx: int, block_ids: Sequence[int], kv: torch.Tensor) -> None:
-    """`pool.write_blocks` for kv [2, n, bs, Hkv, D], one slice copy per run and half."""
-    expected = (2, len(block_ids), *pool.block_shape)
-    if tuple(kv.shape) != expected or kv.dtype != pool.dtype:
-        raise ValueError(f"KV data {tuple(kv.shape)} {kv.dtype}, expected {expected} {pool.dtype}")
-    if max(block_ids) >= pool.num_blocks or min(block_ids) < 0:
-        raise ValueError(f"block ids out of range [0, {pool.num_blocks})")
-    i = 0
-    for start, n in block_runs(block_ids):
-        for half in (0, 1):
-            pool.cache[layer_idx, half, start : start + n].copy_(kv[half, i : i + n])
-        i += n
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -157,65 +94,6 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 _DATA_TAG = _varint(DATA_FIELD_NUMBER << 3 | _WIRE_LEN)
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """Shape of a worker's KV pool as far as a transfer is concerned."""
-
-    num_layers: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @classmethod
-    def of_pool(cls, pool: KVPool) -> KVLayout:
-        return cls(pool.num_layers, pool.block_size, pool.num_kv_heads, pool.head_dim, pool.dtype)
-
-    @classmethod
-    def from_pb(cls, msg: pb.KVLayout) -> KVLayout:
-        return cls(
-            msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, dtype_from_pb(msg.dtype)
-        )
-
-    def to_pb(self) -> pb.KVLayout:
-        return pb.KVLayout(
-            num_layers=self.num_layers,
-            block_size=self.block_size,
-            num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            dtype=dtype_to_pb(self.dtype),
-        )
-
-    @property
-    def element_size(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def layer_block_bytes(self) -> int:
-        """K and V of one block of one layer."""
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
-
-    def blocks_per_chunk(self, max_chunk_bytes: int) -> int:
-        return max(1, max_chunk_bytes // self.layer_block_bytes)
-
-
-class ChunkErrorKind(enum.Enum):
-    BAD_LAYOUT = "bad_layout"  # dtype or layout differs from the reservation's
-    BAD_RANGE = "bad_range"  # layer or block range outside what was reserved
-    BAD_SIZE = "bad_size"  # data length differs from num_blocks * layer_block_bytes
-    BAD_CHECKSUM = "bad_checksum"
-    BAD_MESSAGE = "bad_message"  # the bytes do not parse as a KVChunk
-    UNKNOWN_RESERVATION = "unknown_reservation"  # no such request, wrong epoch, or expired
-
-
-class ChunkError(Exception):
-    """A chunk that must be rejected; the transfer it belongs to fails."""
-
-    def __init__(self, kind: ChunkErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -384,44 +262,3 @@ def decode_chunk(
         2, h.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim
     )
     return DecodedChunk(h.layer_idx, h.first_block, kv)
-
-
-def sampling_to_pb(params: SamplingParams) -> pb.SamplingOptions:
-    return pb.SamplingOptions(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        has_seed=params.seed is not None,
-        seed=params.seed or 0,
-        ignore_eos=params.ignore_eos,
-        stop_token_ids=list(params.stop_token_ids),
-        min_p=params.min_p,
-        repetition_penalty=params.repetition_penalty,
-        presence_penalty=params.presence_penalty,
-        frequency_penalty=params.frequency_penalty,
-        stop=list(params.stop),
-        include_stop_str_in_output=params.include_stop_str_in_output,
-        has_logprobs=params.logprobs is not None,
-        logprobs=params.logprobs or 0,
-    )
-
-
-def sampling_from_pb(msg: pb.SamplingOptions) -> SamplingParams:
-    """Raises ValueError (from SamplingParams) for out-of-range values."""
-    return SamplingParams(
-        max_tokens=msg.max_tokens,
-        temperature=msg.temperature,
-        top_k=msg.top_k,
-        top_p=msg.top_p,
-        min_p=msg.min_p,
-        repetition_penalty=msg.repetition_penalty,
-        presence_penalty=msg.presence_penalty,
-        frequency_penalty=msg.frequency_penalty,
-        seed=msg.seed if msg.has_seed else None,
-        stop_token_ids=tuple(msg.stop_token_ids),
-        stop=tuple(msg.stop),
-        include_stop_str_in_output=msg.include_stop_str_in_output,
-        ignore_eos=msg.ignore_eos,
-        logprobs=msg.logprobs if msg.has_logprobs else None,
-    )

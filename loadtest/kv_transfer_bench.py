@@ -42,10 +42,11 @@ from engine.presets import preset
 from engine.sampling_params import SamplingParams
 from kv_transfer.allocator import keep_freed_memory
 from kv_transfer.client import ClientConfig, KVTransferClient
+from kv_transfer.layout import KVLayout, kv_buffers
 from kv_transfer.server import ServerConfig, start_server
 from kv_transfer.sink import PoolSink
 from kv_transfer.transport import GrpcTransport
-from kv_transfer.wire import DEFAULT_CHUNK_BYTES, KVLayout, checksum_of, kv_buffers
+from kv_transfer.wire import DEFAULT_CHUNK_BYTES, checksum_of
 from loadtest.figures import current_commit
 
 log = logging.getLogger("kv_transfer_bench")

@@ -56,9 +56,9 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.client import ClientConfig, KVTransferClient
 from kv_transfer.cuda_ipc import CopyMode, CudaIpcTransport
 from kv_transfer.ipc_plan import contiguous_runs
+from kv_transfer.layout import KVLayout
 from kv_transfer.server import ServerConfig, start_server
 from kv_transfer.sink import PoolSink
-from kv_transfer.wire import KVLayout
 
 log = logging.getLogger("kv_transfer_bench")
 TOKEN = "bench-token"

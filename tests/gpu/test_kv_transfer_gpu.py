@@ -123,7 +123,7 @@ def make_holes(p: Prefill) -> list[object]:
     """Reserve four one-block requests and abort the 1st and 3rd: later reservations get a
     block table with gaps. Returns the two still held (abort them at the end)."""
     from engine.sampling_params import SamplingParams
-    from kv_transfer.wire import KVLayout
+    from kv_transfer.layout import KVLayout
 
     layout = KVLayout.of_pool(p.pool)
     rs = [
@@ -142,7 +142,7 @@ def test_ipc_copy_is_byte_identical(prefill: Prefill, per_layer: bool, order: st
     from engine.sampling_params import SamplingParams
     from kv_transfer.cuda_ipc import CopyMode
     from kv_transfer.ipc_plan import layer_digests_torch
-    from kv_transfer.wire import KVLayout
+    from kv_transfer.layout import KVLayout
 
     p = prefill
     free_before = p.num_free_remote
@@ -199,7 +199,7 @@ def test_digest_kernel_equals_the_reference_on_the_gpu(prefill: Prefill):
 def test_blocks_sent_in_pieces_and_prefix_skipped(prefill: Prefill):
     """Chunked-prefill shape: each layer's blocks come in two sends, starting past block 0."""
     from engine.sampling_params import SamplingParams
-    from kv_transfer.wire import KVLayout
+    from kv_transfer.layout import KVLayout
 
     p = prefill
     local = [10, 11, 12, 20, 21]
@@ -220,7 +220,7 @@ def test_sessions_in_flight_together_each_in_its_own_slot(prefill: Prefill):
     """Three sessions open and sent before any finishes (each has its own slot: ids, digests
     and events), finished in reverse order: every one lands exactly and commits."""
     from engine.sampling_params import SamplingParams
-    from kv_transfer.wire import KVLayout
+    from kv_transfer.layout import KVLayout
 
     p = prefill
     layout = KVLayout.of_pool(p.pool)
@@ -254,7 +254,7 @@ def corrupt_one_word(transport: object, layer: int, remote_block: int) -> None:
 
 def test_digest_mismatch_is_refused_and_frees(prefill: Prefill):
     from engine.sampling_params import SamplingParams
-    from kv_transfer.wire import KVLayout
+    from kv_transfer.layout import KVLayout
 
     p = prefill
     r = p.client.reserve("bad", [1] * 40, SamplingParams(max_tokens=2), KVLayout.of_pool(p.pool))
@@ -274,8 +274,8 @@ def test_digest_mismatch_is_refused_and_frees(prefill: Prefill):
 
 def test_abort_waits_for_queued_copies_and_frees(prefill: Prefill):
     from engine.sampling_params import SamplingParams
+    from kv_transfer.layout import KVLayout
     from kv_transfer.transport import TransferError
-    from kv_transfer.wire import KVLayout
 
     p = prefill
     local = list(range(0, 40))

@@ -39,7 +39,8 @@ from hypothesis import strategies as st  # noqa: E402
 from baton.client import BatonClient, build_request  # noqa: E402
 from baton.config import parse_config  # noqa: E402
 from baton.launcher import Cluster, launch  # noqa: E402
-from kv_transfer.wire import TOKEN_METADATA_KEY, KVLayout, checksum  # noqa: E402
+from kv_transfer.layout import KVLayout  # noqa: E402
+from kv_transfer.wire import TOKEN_METADATA_KEY, checksum  # noqa: E402
 from protos import kv_transfer_pb2 as kvpb  # noqa: E402
 from protos import kv_transfer_pb2_grpc as kvpb_grpc  # noqa: E402
 from protos import serving_pb2 as pb  # noqa: E402

@@ -29,10 +29,11 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.client import ClientConfig, KVTransferClient, RemoteReservation
 from kv_transfer.cuda_ipc import contiguous_runs, issue_copies, layer_digests, plan_copies
 from kv_transfer.layer_stream import LayerStreamer, TransferStatus
+from kv_transfer.layout import KVLayout
 from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server
 from kv_transfer.sink import EngineSink
 from kv_transfer.transport import GrpcTransport, TransferError
-from kv_transfer.wire import END_OF_STREAM, KVLayout, checksum, encode_layer
+from kv_transfer.wire import END_OF_STREAM, checksum, encode_layer
 from protos import kv_transfer_pb2 as pb
 
 pytestmark = [

@@ -21,8 +21,8 @@ from engine.engine import Engine
 from engine.presets import preset
 from engine.sampling_params import SamplingParams
 from kv_transfer.client import ClientConfig, KVTransferClient
+from kv_transfer.layout import KVLayout
 from kv_transfer.transport import TransportKind
-from kv_transfer.wire import KVLayout
 from prefill_worker.worker import PrefillWorker
 
 pytestmark = pytest.mark.timeout(120)

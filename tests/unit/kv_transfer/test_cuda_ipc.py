@@ -169,7 +169,7 @@ class OpeningRuntime:
 
 
 def pool_handle(**changes: object):  # noqa: ANN201
-    from kv_transfer.wire import dtype_to_pb
+    from kv_transfer.layout import dtype_to_pb
     from protos import kv_transfer_pb2 as pb
 
     shape = [2, 2, 9, 4, 2, 16]

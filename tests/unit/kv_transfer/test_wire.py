@@ -6,18 +6,10 @@ import torch
 from engine.kv_pool import KVPool
 from engine.presets import preset
 from engine.sampling_params import SamplingParams
-from kv_transfer.wire import (
-    ChunkError,
-    ChunkErrorKind,
-    KVLayout,
-    checksum,
-    checksum_of,
-    decode_chunk,
-    encode_layer,
-    sampling_from_pb,
-    sampling_to_pb,
-    split_chunk,
-)
+from kv_transfer.chunk_error import ChunkError, ChunkErrorKind
+from kv_transfer.layout import KVLayout
+from kv_transfer.sampling_options import sampling_from_pb, sampling_to_pb
+from kv_transfer.wire import checksum, checksum_of, decode_chunk, encode_layer, split_chunk
 from protos import kv_transfer_pb2 as pb
 
 pytestmark = [
