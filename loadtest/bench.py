@@ -30,21 +30,19 @@ from pathlib import Path
 
 from loadtest.arrivals import ClosedLoop, OpenLoop, RateSweep, parse_arrival, sweep_rates
 from loadtest.datasets import (
-    BenchRequest,
-    Dataset,
-    JsonlDataset,
     LengthMixDataset,
     MultiTurnDataset,
     RandomDataset,
     SharedPrefixDataset,
-    TokenRange,
     prefill_decode_mix,
 )
+from loadtest.jsonl_dataset import JsonlDataset
 from loadtest.metrics import parse_slo
 from loadtest.report import write_report
 from loadtest.results import ResultFile, RunResult, build_result, load_results, save_results
 from loadtest.runner import RunOptions, run
 from loadtest.targets import GrpcTarget, GrpcTargetConfig, Target, TargetError
+from loadtest.workload import BenchRequest, Dataset, TokenRange
 
 log = logging.getLogger("baton.bench")
 

@@ -1,9 +1,5 @@
-"""Benchmark workloads, generated offline from a seed: what each request asks for.
-
-Every generator is a frozen config dataclass, validated at construction, whose `generate()`
-returns the same list of `BenchRequest`s for the same fields. Synthetic prompts are token ids
-drawn uniformly from a `TokenRange`, so their lengths are exact (no tokenize/detokenize round
-trip, which changes lengths); a JSONL file of the user's own prompts may carry text instead.
+"""The synthetic workload generators: token-id prompts of exact lengths, drawn from a seed
+(the `Dataset` contract and what they generate: loadtest/workload.py).
 
     RandomDataset        input/output lengths uniform in [len * (1 - r), len * (1 + r)]
                          (vLLM's `random` dataset with `--random-range-ratio r`)
@@ -16,109 +12,21 @@ trip, which changes lengths); a JSONL file of the user's own prompts may carry t
     MultiTurnDataset     conversations that grow: turn k's prompt is turn k-1's prompt, a
                          synthetic assistant answer of `answer_len` tokens, and a new user
                          message, so each turn's prompt is an exact prefix of the next
-    JsonlDataset         one JSON object per line: {"prompt": str} or
-                         {"prompt_token_ids": [int]}, plus "max_tokens", and optionally
-                         "tenant", "cache_salt", "category"
 
-The assistant answers in `MultiTurnDataset` are fixed offline, not the model's: the workload
-stays repeatable and the previous prompt stays a cached prefix, but the answer's own KV is not
-reused the way a real chat's would be.
+The assistant answers in `MultiTurnDataset` are placeholders fixed offline: the runner sends
+each turn with the answers the server actually streamed (`Turn.new_tokens`), so the previous
+prompt and its answer stay a cached prefix as in a real chat; a placeholder is sent only where
+the previous turn failed. The user's own prompts, from a JSONL file: loadtest/jsonl_dataset.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Turn:
-    """Where a request sits in a conversation; turn `index` is sent after turn `index - 1`
-    of the same conversation has finished."""
-
-    conversation_id: int
-    index: int
-    num_turns: int
-    # The last `new_tokens` prompt tokens are this turn's own message. When > 0, the runner
-    # sends turn `index` as (the prompt it sent for turn index - 1) + (the tokens the server
-    # answered) + those tokens, so the conversation's history is the model's real answers.
-    new_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        assert 0 <= self.index < self.num_turns, self
-        assert self.new_tokens >= 0, self
-
-
-@dataclass(frozen=True)
-class BenchRequest:
-    """One request of a workload: a prompt (token ids or text, exactly one), how many tokens
-    to generate, and labels the report groups by."""
-
-    prompt_token_ids: tuple[int, ...] | None
-    prompt_text: str | None
-    max_tokens: int
-    tenant_id: str | None = None
-    cache_salt: str | None = None
-    category: str = "default"
-    turn: Turn | None = None
-
-    def __post_init__(self) -> None:
-        if (self.prompt_token_ids is None) == (self.prompt_text is None):
-            raise ValueError("a request needs exactly one of prompt_token_ids and prompt_text")
-        if self.prompt_token_ids is not None:
-            if not self.prompt_token_ids:
-                raise ValueError("prompt_token_ids is empty; a prompt needs at least one token")
-            if min(self.prompt_token_ids) < 0:
-                raise ValueError("prompt_token_ids must be >= 0")
-        if self.prompt_text is not None and not self.prompt_text:
-            raise ValueError("prompt_text is empty; a prompt needs at least one character")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-
-    @property
-    def prompt_len(self) -> int | None:
-        """Prompt tokens, where known before sending (token-id prompts)."""
-        return None if self.prompt_token_ids is None else len(self.prompt_token_ids)
-
-
-@dataclass(frozen=True)
-class TokenRange:
-    """Synthetic token ids are drawn uniformly from [low, high). The default fits every
-    tokenizer Baton serves (the byte tokenizer's 256 byte ids); widen it for a real vocabulary."""
-
-    low: int = 0
-    high: int = 256
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.low < self.high:
-            raise ValueError(f"token range needs 0 <= low < high, got [{self.low}, {self.high})")
-
-    @property
-    def size(self) -> int:
-        return self.high - self.low
-
-    def draw(self, rng: np.random.Generator, num_tokens: int) -> tuple[int, ...]:
-        return tuple(rng.integers(self.low, self.high, size=num_tokens).tolist())
-
-
-class Dataset(ABC):
-    """A workload generator: `generate()` is a pure function of the dataclass's fields."""
-
-    name: str
-
-    @abstractmethod
-    def generate(self) -> list[BenchRequest]: ...
-
-    def describe(self) -> dict[str, Any]:
-        """The generator's settings, for the results file."""
-        assert hasattr(self, "__dataclass_fields__"), type(self)
-        return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
+from loadtest.workload import BenchRequest, Dataset, TokenRange, Turn, check_positive
 
 
 def length_bounds(length: int, range_ratio: float) -> tuple[int, int]:
@@ -127,12 +35,6 @@ def length_bounds(length: int, range_ratio: float) -> tuple[int, int]:
     low = max(1, math.floor(round(length * (1 - range_ratio), 9)))
     high = max(low, math.ceil(round(length * (1 + range_ratio), 9)))
     return low, high
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_range_ratio(range_ratio: float) -> None:
@@ -151,7 +53,7 @@ class RandomDataset(Dataset):
     name = "random"
 
     def __post_init__(self) -> None:
-        _check_positive(
+        check_positive(
             num_requests=self.num_requests, input_len=self.input_len, output_len=self.output_len
         )
         _check_range_ratio(self.range_ratio)
@@ -195,7 +97,7 @@ class SharedPrefixDataset(Dataset):
     name = "shared_prefix"
 
     def __post_init__(self) -> None:
-        _check_positive(
+        check_positive(
             num_groups=self.num_groups,
             prompts_per_group=self.prompts_per_group,
             system_prompt_len=self.system_prompt_len,
@@ -255,7 +157,7 @@ class LengthClass:
     def __post_init__(self) -> None:
         if not self.weight > 0:
             raise ValueError(f"length class {self.name!r}: weight must be > 0, got {self.weight}")
-        _check_positive(input_len=self.input_len, output_len=self.output_len)
+        check_positive(input_len=self.input_len, output_len=self.output_len)
         _check_range_ratio(self.range_ratio)
 
 
@@ -300,7 +202,7 @@ class LengthMixDataset(Dataset):
     name = "length_mix"
 
     def __post_init__(self) -> None:
-        _check_positive(num_requests=self.num_requests)
+        check_positive(num_requests=self.num_requests)
         if not self.classes:
             raise ValueError("a length mix needs at least one class")
         names = [c.name for c in self.classes]
@@ -352,7 +254,7 @@ class MultiTurnDataset(Dataset):
     name = "multi_turn"
 
     def __post_init__(self) -> None:
-        _check_positive(
+        check_positive(
             num_conversations=self.num_conversations,
             num_turns=self.num_turns,
             user_len=self.user_len,
@@ -379,77 +281,3 @@ class MultiTurnDataset(Dataset):
                 )
                 history = prompt + self.token_range.draw(rng, self.answer_len)
         return [request for turn in by_turn for request in turn]
-
-
-JSONL_KEYS = frozenset(
-    {"prompt", "prompt_token_ids", "max_tokens", "tenant", "cache_salt", "category"}
-)
-
-
-@dataclass(frozen=True)
-class JsonlDataset(Dataset):
-    """The user's prompts, one JSON object per line (blank lines skipped). `max_tokens` on a
-    line wins over `default_max_tokens`; a line without either is an error."""
-
-    path: str
-    default_max_tokens: int | None = None
-    name = "jsonl"
-
-    def __post_init__(self) -> None:
-        if self.default_max_tokens is not None:
-            _check_positive(default_max_tokens=self.default_max_tokens)
-
-    def generate(self) -> list[BenchRequest]:
-        path = Path(self.path)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such file; give a JSONL file of prompts")
-        requests = []
-        with path.open(encoding="utf-8") as lines:
-            for lineno, line in enumerate(lines, start=1):
-                if line.strip():
-                    requests.append(self._parse_line(line, f"{path}:{lineno}"))
-        if not requests:
-            raise ValueError(f"{path}: no prompts (the file is empty)")
-        return requests
-
-    def _parse_line(self, line: str, where: str) -> BenchRequest:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        unknown = sorted(set(obj) - JSONL_KEYS)
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown keys {unknown}; allowed keys are {sorted(JSONL_KEYS)}"
-            )
-        text, ids = obj.get("prompt"), obj.get("prompt_token_ids")
-        if (text is None) == (ids is None):
-            raise ValueError(f"{where}: give exactly one of 'prompt' (text) and 'prompt_token_ids'")
-        if text is not None and not isinstance(text, str):
-            raise ValueError(f"{where}: 'prompt' must be a string")
-        if ids is not None and not (
-            isinstance(ids, list)
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-        ):
-            raise ValueError(f"{where}: 'prompt_token_ids' must be a list of integers")
-        max_tokens = obj.get("max_tokens", self.default_max_tokens)
-        if max_tokens is None:
-            raise ValueError(f"{where}: no 'max_tokens'; add it to the line or pass a default")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            raise ValueError(f"{where}: 'max_tokens' must be an integer")
-        for key in ("tenant", "cache_salt", "category"):
-            if key in obj and not isinstance(obj[key], str):
-                raise ValueError(f"{where}: {key!r} must be a string")
-        try:
-            return BenchRequest(
-                prompt_token_ids=None if ids is None else tuple(ids),
-                prompt_text=text,
-                max_tokens=max_tokens,
-                tenant_id=obj.get("tenant"),
-                cache_salt=obj.get("cache_salt"),
-                category=obj.get("category", "default"),
-            )
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None

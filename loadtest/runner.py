@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from loadtest.arrivals import Arrival, ClosedLoop, OpenLoop, RateSweep
-from loadtest.datasets import BenchRequest
 from loadtest.metrics import RequestRecord, ServerPhases
 from loadtest.targets import Target, TargetError, Usage
+from loadtest.workload import BenchRequest
 
 JOIN_GRACE_S = 1.0  # past max_duration_s, how long to wait for threads to notice their deadline
 

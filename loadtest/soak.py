@@ -43,10 +43,10 @@ import numpy as np
 
 from baton.client import build_request
 from loadtest.arrivals import OpenLoop
-from loadtest.datasets import BenchRequest
 from loadtest.metrics import RequestRecord
 from loadtest.runner import RunOptions, run
 from loadtest.targets import GrpcTarget, GrpcTargetConfig, StreamChunk, chunks_from_call
+from loadtest.workload import BenchRequest
 from protos import serving_pb2 as pb
 
 # (share, prompt tokens range, output tokens range): short chat, medium, long documents.

@@ -38,11 +38,12 @@ from pathlib import Path
 
 from loadtest.arrivals import OpenLoop
 from loadtest.bench import salted, warm_up
-from loadtest.datasets import Dataset, RandomDataset, SharedPrefixDataset
+from loadtest.datasets import RandomDataset, SharedPrefixDataset
 from loadtest.metrics import SLO
 from loadtest.results import ResultFile, RunResult, build_result, save_results
 from loadtest.runner import RunOptions, run
 from loadtest.targets import Target, step_deltas
+from loadtest.workload import Dataset
 
 WARMUP_MAX_TOKENS = 32
 WARMUPS_PER_WORKER = 2

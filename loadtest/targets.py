@@ -28,8 +28,8 @@ from typing import Any
 import grpc
 
 from baton.client import BatonClient, build_request
-from loadtest.datasets import BenchRequest
 from loadtest.metrics import ServerPhases
+from loadtest.workload import BenchRequest
 from protos import serving_pb2 as pb
 
 MS_PER_S = 1000.0

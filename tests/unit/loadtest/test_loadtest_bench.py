@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from loadtest.bench import main, parse_sweep
-from loadtest.datasets import BenchRequest
 from loadtest.results import load_results
 from loadtest.targets import GrpcTarget, GrpcTargetConfig, TargetError, Usage
+from loadtest.workload import BenchRequest
 from protos import serving_pb2 as pb
 from protos import serving_pb2_grpc as pb_grpc
 

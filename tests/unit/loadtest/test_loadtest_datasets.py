@@ -8,18 +8,16 @@ from pathlib import Path
 import pytest
 
 from loadtest.datasets import (
-    BenchRequest,
-    JsonlDataset,
     LengthClass,
     LengthMixDataset,
     MultiTurnDataset,
     RandomDataset,
     SharedPrefixDataset,
-    TokenRange,
-    Turn,
     length_bounds,
     split_counts,
 )
+from loadtest.jsonl_dataset import JsonlDataset
+from loadtest.workload import BenchRequest, TokenRange, Turn
 
 
 def ids(request: BenchRequest) -> tuple[int, ...]:

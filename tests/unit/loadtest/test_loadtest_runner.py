@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 
 from loadtest.arrivals import ClosedLoop, OpenLoop, RateSweep
-from loadtest.datasets import BenchRequest, MultiTurnDataset, RandomDataset, SharedPrefixDataset
+from loadtest.datasets import MultiTurnDataset, RandomDataset, SharedPrefixDataset
 from loadtest.metrics import SLO
 from loadtest.report import markdown_comparison, write_report
 from loadtest.results import ResultFile, build_result, load_results, save_results
 from loadtest.runner import RunOptions, run, run_sweep
 from loadtest.targets import FakeTarget, FakeTargetConfig, StreamChunk, Target
+from loadtest.workload import BenchRequest
 
 QUIET = RunOptions(progress=False, request_timeout_s=5.0, max_duration_s=10.0)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
