@@ -11,7 +11,7 @@ starts each configuration once, and the figures each kind of comparison yields.
     figures_for()  the comparison's figures (loadtest/comparison.py defines each), or why
                    one is missing
 
-The defaults (which configs, rates, SLOs and why) live in loadtest/disagg_report.py.
+The defaults (which configs, rates, SLOs and why) live in loadtest/disagg_comparisons.py.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loadtest import disagg_outputs, disagg_report
+from loadtest import disagg_comparisons, disagg_outputs, disagg_report
 from loadtest.disagg_plan import (
     Comparison,
     ConfigSpec,
@@ -78,7 +78,7 @@ def test_deep_merge_replaces_leaves_and_merges_mappings() -> None:
 def test_plan_starts_each_configuration_once_with_every_sweep_that_uses_it(
     tmp_path: Path,
 ) -> None:
-    comps = disagg_report.gpu_comparisons()
+    comps = disagg_comparisons.gpu_comparisons()
     names = ("interference", "decode-heavy", "prefix-cache")
     planned = plan([comps[n] for n in names], tmp_path, LOOSE, seed=3, bases={})
     assert [(p.spec.label, [s.name for s in p.sweeps], p.num_workers) for p in planned] == [
@@ -102,7 +102,7 @@ def test_settings_go_into_every_configuration(tmp_path: Path) -> None:
         "cluster": {"kv_transfer": {"transport": "grpc"}},
         "engine": {"enforce_eager": True},
     }
-    comp = disagg_report.gpu_comparisons()["interference"]
+    comp = disagg_comparisons.gpu_comparisons()["interference"]
     for p in plan([comp], tmp_path, LOOSE, 0, {}, settings):
         raw = yaml.safe_load(p.config_path.read_text())
         assert raw["cluster"]["kv_transfer"]["transport"] == "grpc"
@@ -114,7 +114,7 @@ def test_settings_go_into_every_configuration(tmp_path: Path) -> None:
 def test_the_four_gpu_splits_share_engine_limits(tmp_path: Path) -> None:
     from baton.config import load_config
 
-    planned = plan([disagg_report.gpu_comparisons()["splits"]], tmp_path, LOOSE, 0, {})
+    planned = plan([disagg_comparisons.gpu_comparisons()["splits"]], tmp_path, LOOSE, 0, {})
     layouts = []
     for p in planned:
         cfg = load_config(p.config_path)
