@@ -211,6 +211,7 @@ class _GrpcSession(TransferSession):
 
         encoder = threading.Thread(target=encode, name="kv-encode", daemon=True)
         encoder.start()
+        first = True
         while True:
             try:
                 item = ready.get(timeout=_POLL_S)
@@ -222,6 +223,9 @@ class _GrpcSession(TransferSession):
                 return
             if isinstance(item, BaseException):
                 raise item
+            if first:  # handed over now, not when the encoder thread finished it
+                self._first_send_s = time.perf_counter()
+                first = False
             yield item
 
     def _encode(self, item: _LayerRange) -> Iterator[EncodedChunk]:
