@@ -144,10 +144,8 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         stream = _StreamState()
 
         def on_rpc_done() -> None:
-            lease = stream.lease
-            if lease is not None and not stream.ended_ok:
-                with lease.lock:
-                    self.fail_lease(lease, "chunk stream broke off")
+            if not stream.ended_ok:
+                self._fail_stream(stream, "chunk stream broke off")
 
         context.add_callback(on_rpc_done)
         writer: ChunkWriter | None = None
@@ -167,9 +165,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                     received = split_chunk(message)
                 except ChunkError as e:
                     self.counters.add("chunks_rejected")
-                    if stream.lease is not None:
-                        with stream.lease.lock:
-                            self.fail_lease(stream.lease, str(e))
+                    self._fail_stream(stream, str(e))
                     context.abort(CHUNK_ERROR_CODES[e.kind], str(e))
                 chunk = received.header
                 if stream.lease is None:
@@ -183,8 +179,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
                     stream.lease.request_id,
                     stream.lease.epoch,
                 ):
-                    with stream.lease.lock:
-                        self.fail_lease(stream.lease, "stream mixed two reservations")
+                    self._fail_stream(stream, "stream mixed two reservations")
                     context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, "one chunk stream carries one reservation"
                     )
@@ -208,6 +203,7 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
         return pb.StreamSummary(num_chunks=stream.num_chunks, num_bytes=stream.num_bytes)
 
     def _fail_stream(self, stream: _StreamState, reason: str) -> None:
+        """Fail the stream's lease (its blocks freed), if it has one yet."""
         if stream.lease is not None:
             with stream.lease.lock:
                 self.fail_lease(stream.lease, reason)

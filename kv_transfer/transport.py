@@ -160,7 +160,7 @@ class _GrpcSession(TransferSession):
         messages = self._messages()
         if client.config.encode_ahead:
             messages = self._encoded_ahead(messages, client.config.encode_ahead)
-        self._future = client.stream_future(messages)
+        self._future = client.stream_future(self._handed_over(messages))
         self._future.add_done_callback(lambda _: self._stop.set())
 
     # ---- gRPC's request thread -----------------------------------------------------------
@@ -178,11 +178,16 @@ class _GrpcSession(TransferSession):
             if item is _End.ABORT:
                 raise TransferError("transfer aborted by the sender")
             for chunk in self._encode(item):
-                if not self._num_chunks:
-                    self._first_send_s = time.perf_counter()
                 self._num_chunks += 1
                 self._num_bytes += chunk.num_data_bytes
                 yield chunk.message
+
+    def _handed_over(self, messages: Iterator[bytes]) -> Iterator[bytes]:
+        """`messages` as gRPC takes them; `_first_send_s` is when it takes the first."""
+        for i, message in enumerate(messages):
+            if i == 0:
+                self._first_send_s = time.perf_counter()
+            yield message
 
     def _encoded_ahead(self, messages: Iterator[bytes], depth: int) -> Iterator[bytes]:
         """`messages` produced on an encoder thread, at most `depth` ahead of the caller
@@ -211,7 +216,6 @@ class _GrpcSession(TransferSession):
 
         encoder = threading.Thread(target=encode, name="kv-encode", daemon=True)
         encoder.start()
-        first = True
         while True:
             try:
                 item = ready.get(timeout=_POLL_S)
@@ -223,9 +227,6 @@ class _GrpcSession(TransferSession):
                 return
             if isinstance(item, BaseException):
                 raise item
-            if first:  # handed over now, not when the encoder thread finished it
-                self._first_send_s = time.perf_counter()
-                first = False
             yield item
 
     def _encode(self, item: _LayerRange) -> Iterator[EncodedChunk]:

@@ -46,12 +46,12 @@ PHASES = (
 
 
 # per token: (logprob, ((alternative id, its logprob), ...))
-TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+LogprobRow = tuple[float, tuple[tuple[int, float], ...]]
 
 
 def _run_requests(
     address: str, prompts: list[list[int]], max_tokens: int, logprobs: int = 0
-) -> tuple[list[list[int]], list[dict[str, float]], list[list[TokenLogprobs]]]:
+) -> tuple[list[list[int]], list[dict[str, float]], list[list[LogprobRow]]]:
     from baton.client import BatonClient, build_request
 
     outputs, rows, all_logprobs = [], [], []
@@ -67,7 +67,7 @@ def _run_requests(
             start = time.perf_counter()
             first_s = None
             ids: list[int] = []
-            lps: list[TokenLogprobs] = []
+            lps: list[LogprobRow] = []
             last = None
             for resp in client.stream(req):
                 if first_s is None and resp.token_ids:
@@ -89,9 +89,7 @@ def _run_requests(
     return outputs, rows, all_logprobs
 
 
-def compare_logprobs(
-    a: list[list[TokenLogprobs]], b: list[list[TokenLogprobs]]
-) -> tuple[float, bool]:
+def compare_logprobs(a: list[list[LogprobRow]], b: list[list[LogprobRow]]) -> tuple[float, bool]:
     """(largest |logprob difference| over every token and alternative, whether every
     token's alternatives have the same ids in the same order)."""
     worst, same_ids = 0.0, True
@@ -108,7 +106,7 @@ def compare_logprobs(
 
 def _launch_and_run(
     cfg: Any, prompts: list[list[int]], max_tokens: int, warmup: int, logprobs: int
-) -> tuple[list[list[int]], list[dict[str, float]], list[list[TokenLogprobs]]]:
+) -> tuple[list[list[int]], list[dict[str, float]], list[list[LogprobRow]]]:
     from baton.launcher import launch
 
     cluster = launch(cfg)

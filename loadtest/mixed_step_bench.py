@@ -169,6 +169,7 @@ def main() -> int:
         max_num_seqs=max(batches) + 8,
         max_num_batched_tokens=max(batches) + max(chunks),
         max_model_len=2 * args.context,
+        enable_prefix_caching=False,  # every prompt chunk computed, never a cache hit
     )
     engine = Engine(config)
     card = torch.cuda.get_device_name(0) if cuda else "CPU"

@@ -39,7 +39,7 @@ log = logging.getLogger("prefill_profile")
 
 GROUPS = (
     ("matmul", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "matmul", "xmma")),
-    ("attention", ("attention", "attn", "flash", "fmha")),
+    ("attention", ("attention", "attn", "flash", "fmha", "paged_prefill", "paged_decode")),
     ("norm/rotary/act", ("rms", "norm", "rotary", "silu", "swiglu", "act")),
     ("copy/index", ("copy", "index", "cat", "gather", "scatter", "memcpy", "memset")),
 )
@@ -150,6 +150,7 @@ def main() -> int:
             max_num_seqs=32,
             max_num_batched_tokens=8192,
             max_model_len=8192,
+            enable_prefix_caching=False,  # every shape's prompts prefilled in full
         )
     )
     result["shapes"] = []
