@@ -16,7 +16,12 @@ from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.layout import KVLayout
 from kv_transfer.sampling_options import sampling_to_pb
-from kv_transfer.wire import DEFAULT_CHUNK_BYTES, END_OF_STREAM, TOKEN_METADATA_KEY
+from kv_transfer.wire import (
+    DEFAULT_CHUNK_BYTES,
+    END_OF_STREAM,
+    PROTOCOL_VERSION,
+    TOKEN_METADATA_KEY,
+)
 from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
 
@@ -130,6 +135,7 @@ class KVTransferClient:
                 num_blocks=(len(prompt_token_ids) + bs - 1) // bs,
                 lease_ms=int(lease_s * 1000),
                 transport=transport,
+                protocol_version=PROTOCOL_VERSION,
             ),
             timeout=self.config.rpc_timeout_s,
             metadata=self._metadata,

@@ -2,8 +2,9 @@
 
 A transfer, as the servicer sees it:
 
-  Reserve       check layout and sizes, reserve blocks in the sink (all or nothing, else
-                RESOURCE_EXHAUSTED), open a lease with a deadline, answer epoch + blocks
+  Reserve       check protocol version, layout and sizes, reserve blocks in the sink (all
+                or nothing, else RESOURCE_EXHAUSTED), open a lease with a deadline, answer
+                epoch + blocks
   StreamChunks  one stream per reservation; each chunk is checked (reservation and epoch,
                 layout, block range, size, checksum) and written straight into the reserved
                 blocks. Any bad chunk ends the lease (blocks freed) and the stream with a
@@ -41,7 +42,7 @@ from kv_transfer.lease import Lease, LeaseNotFound, LeaseState, LeaseTable
 from kv_transfer.metrics import TransferCounters
 from kv_transfer.sampling_options import sampling_from_pb
 from kv_transfer.sink import KVSink, ReserveSpec, SinkFull
-from kv_transfer.wire import END_OF_STREAM, split_chunk
+from kv_transfer.wire import END_OF_STREAM, PROTOCOL_VERSION, split_chunk
 from protos import kv_transfer_pb2 as pb
 from protos import kv_transfer_pb2_grpc as pb_grpc
 
@@ -87,6 +88,12 @@ class KVTransferServicer(pb_grpc.KVTransferServicer):
 
     def Reserve(self, request: pb.ReserveRequest, context: grpc.ServicerContext):  # noqa: N802
         invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"KV-transfer protocol differs: sender v{request.protocol_version} (0: a version "
+                f"without one), receiver v{PROTOCOL_VERSION}; run one Baton version on both tiers",
+            )
         if not request.request_id:
             context.abort(invalid, "request_id is empty")
         if not request.HasField("layout"):

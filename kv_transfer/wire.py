@@ -47,6 +47,10 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 TOKEN_METADATA_KEY = "x-baton-kv-token"  # gRPC metadata key of the shared token
+# What a sender and a receiver must agree on beyond the layout, sent with every Reserve: 2
+# since chunk streams end with END_OF_STREAM (a version-1 sender's streams would read as
+# broken off). Both tiers run one Baton version; a mismatch is refused at Reserve.
+PROTOCOL_VERSION = 2
 # The sender ends every chunk stream with one empty message. A stream whose request iterator
 # ends without it broke off: gRPC Python can end a cancelled or dead peer's stream on the
 # server as if it had finished, so the receiver must not take a plain end as the sender's.

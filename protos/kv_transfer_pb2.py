@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\x08\x62\x61ton.v1\"z\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.baton.v1.DType\"\xde\x02\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\r\n\x05min_p\x18\t \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x14\n\x0chas_logprobs\x18\x0f \x01(\x08\x12\x10\n\x08logprobs\x18\x10 \x01(\r\"\xf5\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.baton.v1.SamplingOptions\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x10\n\x08lease_ms\x18\x07 \x01(\r\x12*\n\ttransport\x18\x08 \x01(\x0e\x32\x17.baton.v1.TransportKind\"`\n\x0fReserveResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"\x81\x02\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tlayer_idx\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x1e\n\x05\x64type\x18\x06 \x01(\x0e\x32\x0f.baton.v1.DType\x12\"\n\x06layout\x18\x07 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12-\n\rchecksum_kind\x18\t \x01(\x0e\x32\x16.baton.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\n \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0cJ\x04\x08\x08\x10\t\"6\n\rStreamSummary\x12\x12\n\nnum_chunks\x18\x01 \x01(\x04\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xd2\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x03\x12\x15\n\rcopied_layers\x18\x04 \x03(\r\x12\x15\n\rlayer_digests\x18\x05 \x03(\x03\x12?\n\x14\x66irst_token_logprobs\x18\x06 \x01(\x0b\x32\x1c.baton.v1.FirstTokenLogprobsH\x00\x88\x01\x01\x42\x17\n\x15_first_token_logprobs\"R\n\x12\x46irstTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\",\n\x0e\x43ommitResponse\x12\x1a\n\x12num_bytes_received\x18\x01 \x01(\x04\"A\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"!\n\rAbortResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x7f\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x1f\n\x17num_active_reservations\x18\x03 \x01(\r\x12\"\n\x06layout\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVLayout\"F\n\x0fOpenPoolRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\"\xcc\x02\n\nPoolHandle\x12\x0c\n\x04size\x18\x01 \x03(\x03\x12\x0e\n\x06stride\x18\x02 \x03(\x03\x12\x16\n\x0estorage_offset\x18\x03 \x01(\x03\x12\x1e\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0f.baton.v1.DType\x12\x14\n\x0c\x64\x65vice_index\x18\x05 \x01(\r\x12\x16\n\x0estorage_handle\x18\x06 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x07 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\t \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\n \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x0b \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0c \x01(\x08\x12\x15\n\rstorage_class\x18\r \x01(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*>\n\x0c\x43hecksumKind\x12\x18\n\x14\x43HECKSUM_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HECKSUM_XXH3_64\x10\x01*V\n\rTransportKind\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRANSPORT_GRPC\x10\x01\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x02\x32\xfb\x02\n\nKVTransfer\x12>\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x19.baton.v1.ReserveResponse\x12<\n\x0cStreamChunks\x12\x11.baton.v1.KVChunk\x1a\x17.baton.v1.StreamSummary(\x01\x12;\n\x06\x43ommit\x12\x17.baton.v1.CommitRequest\x1a\x18.baton.v1.CommitResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse\x12;\n\x08OpenPool\x12\x19.baton.v1.OpenPoolRequest\x1a\x14.baton.v1.PoolHandleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\x08\x62\x61ton.v1\"z\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.baton.v1.DType\"\xde\x02\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\r\n\x05min_p\x18\t \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x01\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x14\n\x0chas_logprobs\x18\x0f \x01(\x08\x12\x10\n\x08logprobs\x18\x10 \x01(\r\"\x8f\x02\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.baton.v1.SamplingOptions\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\"\n\x06layout\x18\x05 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x10\n\x08lease_ms\x18\x07 \x01(\r\x12*\n\ttransport\x18\x08 \x01(\x0e\x32\x17.baton.v1.TransportKind\x12\x18\n\x10protocol_version\x18\t \x01(\r\"`\n\x0fReserveResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\x02 \x01(\r\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"\x81\x02\n\x07KVChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x11\n\tlayer_idx\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x1e\n\x05\x64type\x18\x06 \x01(\x0e\x32\x0f.baton.v1.DType\x12\"\n\x06layout\x18\x07 \x01(\x0b\x32\x12.baton.v1.KVLayout\x12-\n\rchecksum_kind\x18\t \x01(\x0e\x32\x16.baton.v1.ChecksumKind\x12\x10\n\x08\x63hecksum\x18\n \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x0f \x01(\x0cJ\x04\x08\x08\x10\t\"6\n\rStreamSummary\x12\x12\n\nnum_chunks\x18\x01 \x01(\x04\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xd2\x01\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x03\x12\x15\n\rcopied_layers\x18\x04 \x03(\r\x12\x15\n\rlayer_digests\x18\x05 \x03(\x03\x12?\n\x14\x66irst_token_logprobs\x18\x06 \x01(\x0b\x32\x1c.baton.v1.FirstTokenLogprobsH\x00\x88\x01\x01\x42\x17\n\x15_first_token_logprobs\"R\n\x12\x46irstTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x01\",\n\x0e\x43ommitResponse\x12\x1a\n\x12num_bytes_received\x18\x01 \x01(\x04\"A\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"!\n\rAbortResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x7f\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x1f\n\x17num_active_reservations\x18\x03 \x01(\r\x12\"\n\x06layout\x18\x04 \x01(\x0b\x32\x12.baton.v1.KVLayout\"F\n\x0fOpenPoolRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\"\n\x06layout\x18\x02 \x01(\x0b\x32\x12.baton.v1.KVLayout\"\xcc\x02\n\nPoolHandle\x12\x0c\n\x04size\x18\x01 \x03(\x03\x12\x0e\n\x06stride\x18\x02 \x03(\x03\x12\x16\n\x0estorage_offset\x18\x03 \x01(\x03\x12\x1e\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0f.baton.v1.DType\x12\x14\n\x0c\x64\x65vice_index\x18\x05 \x01(\r\x12\x16\n\x0estorage_handle\x18\x06 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x07 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\t \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\n \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x0b \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0c \x01(\x08\x12\x15\n\rstorage_class\x18\r \x01(\t*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03*>\n\x0c\x43hecksumKind\x12\x18\n\x14\x43HECKSUM_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HECKSUM_XXH3_64\x10\x01*V\n\rTransportKind\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRANSPORT_GRPC\x10\x01\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x02\x32\xfb\x02\n\nKVTransfer\x12>\n\x07Reserve\x12\x18.baton.v1.ReserveRequest\x1a\x19.baton.v1.ReserveResponse\x12<\n\x0cStreamChunks\x12\x11.baton.v1.KVChunk\x1a\x17.baton.v1.StreamSummary(\x01\x12;\n\x06\x43ommit\x12\x17.baton.v1.CommitRequest\x1a\x18.baton.v1.CommitResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12;\n\x06Health\x12\x17.baton.v1.HealthRequest\x1a\x18.baton.v1.HealthResponse\x12;\n\x08OpenPool\x12\x19.baton.v1.OpenPoolRequest\x1a\x14.baton.v1.PoolHandleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2175
-  _globals['_DTYPE']._serialized_end=2263
-  _globals['_CHECKSUMKIND']._serialized_start=2265
-  _globals['_CHECKSUMKIND']._serialized_end=2327
-  _globals['_TRANSPORTKIND']._serialized_start=2329
-  _globals['_TRANSPORTKIND']._serialized_end=2415
+  _globals['_DTYPE']._serialized_start=2201
+  _globals['_DTYPE']._serialized_end=2289
+  _globals['_CHECKSUMKIND']._serialized_start=2291
+  _globals['_CHECKSUMKIND']._serialized_end=2353
+  _globals['_TRANSPORTKIND']._serialized_start=2355
+  _globals['_TRANSPORTKIND']._serialized_end=2441
   _globals['_KVLAYOUT']._serialized_start=38
   _globals['_KVLAYOUT']._serialized_end=160
   _globals['_SAMPLINGOPTIONS']._serialized_start=163
   _globals['_SAMPLINGOPTIONS']._serialized_end=513
   _globals['_RESERVEREQUEST']._serialized_start=516
-  _globals['_RESERVEREQUEST']._serialized_end=761
-  _globals['_RESERVERESPONSE']._serialized_start=763
-  _globals['_RESERVERESPONSE']._serialized_end=859
-  _globals['_KVCHUNK']._serialized_start=862
-  _globals['_KVCHUNK']._serialized_end=1119
-  _globals['_STREAMSUMMARY']._serialized_start=1121
-  _globals['_STREAMSUMMARY']._serialized_end=1175
-  _globals['_COMMITREQUEST']._serialized_start=1178
-  _globals['_COMMITREQUEST']._serialized_end=1388
-  _globals['_FIRSTTOKENLOGPROBS']._serialized_start=1390
-  _globals['_FIRSTTOKENLOGPROBS']._serialized_end=1472
-  _globals['_COMMITRESPONSE']._serialized_start=1474
-  _globals['_COMMITRESPONSE']._serialized_end=1518
-  _globals['_ABORTREQUEST']._serialized_start=1520
-  _globals['_ABORTREQUEST']._serialized_end=1585
-  _globals['_ABORTRESPONSE']._serialized_start=1587
-  _globals['_ABORTRESPONSE']._serialized_end=1620
-  _globals['_HEALTHREQUEST']._serialized_start=1622
-  _globals['_HEALTHREQUEST']._serialized_end=1637
-  _globals['_HEALTHRESPONSE']._serialized_start=1639
-  _globals['_HEALTHRESPONSE']._serialized_end=1766
-  _globals['_OPENPOOLREQUEST']._serialized_start=1768
-  _globals['_OPENPOOLREQUEST']._serialized_end=1838
-  _globals['_POOLHANDLE']._serialized_start=1841
-  _globals['_POOLHANDLE']._serialized_end=2173
-  _globals['_KVTRANSFER']._serialized_start=2418
-  _globals['_KVTRANSFER']._serialized_end=2797
+  _globals['_RESERVEREQUEST']._serialized_end=787
+  _globals['_RESERVERESPONSE']._serialized_start=789
+  _globals['_RESERVERESPONSE']._serialized_end=885
+  _globals['_KVCHUNK']._serialized_start=888
+  _globals['_KVCHUNK']._serialized_end=1145
+  _globals['_STREAMSUMMARY']._serialized_start=1147
+  _globals['_STREAMSUMMARY']._serialized_end=1201
+  _globals['_COMMITREQUEST']._serialized_start=1204
+  _globals['_COMMITREQUEST']._serialized_end=1414
+  _globals['_FIRSTTOKENLOGPROBS']._serialized_start=1416
+  _globals['_FIRSTTOKENLOGPROBS']._serialized_end=1498
+  _globals['_COMMITRESPONSE']._serialized_start=1500
+  _globals['_COMMITRESPONSE']._serialized_end=1544
+  _globals['_ABORTREQUEST']._serialized_start=1546
+  _globals['_ABORTREQUEST']._serialized_end=1611
+  _globals['_ABORTRESPONSE']._serialized_start=1613
+  _globals['_ABORTRESPONSE']._serialized_end=1646
+  _globals['_HEALTHREQUEST']._serialized_start=1648
+  _globals['_HEALTHREQUEST']._serialized_end=1663
+  _globals['_HEALTHRESPONSE']._serialized_start=1665
+  _globals['_HEALTHRESPONSE']._serialized_end=1792
+  _globals['_OPENPOOLREQUEST']._serialized_start=1794
+  _globals['_OPENPOOLREQUEST']._serialized_end=1864
+  _globals['_POOLHANDLE']._serialized_start=1867
+  _globals['_POOLHANDLE']._serialized_end=2199
+  _globals['_KVTRANSFER']._serialized_start=2444
+  _globals['_KVTRANSFER']._serialized_end=2823
 # @@protoc_insertion_point(module_scope)

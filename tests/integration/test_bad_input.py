@@ -40,7 +40,7 @@ from baton.client import BatonClient, build_request  # noqa: E402
 from baton.config import parse_config  # noqa: E402
 from baton.launcher import Cluster, launch  # noqa: E402
 from kv_transfer.layout import KVLayout  # noqa: E402
-from kv_transfer.wire import TOKEN_METADATA_KEY, checksum  # noqa: E402
+from kv_transfer.wire import PROTOCOL_VERSION, TOKEN_METADATA_KEY, checksum  # noqa: E402
 from protos import kv_transfer_pb2 as kvpb  # noqa: E402
 from protos import kv_transfer_pb2_grpc as kvpb_grpc  # noqa: E402
 from protos import serving_pb2 as pb  # noqa: E402
@@ -572,6 +572,7 @@ def test_malformed_kv_chunks_at_the_decode_worker(cluster: Cluster, client: Bato
                 layout=layout.to_pb(),
                 num_blocks=3,
                 lease_ms=3000,
+                protocol_version=PROTOCOL_VERSION,
             ),
             metadata=md,
             timeout=10,

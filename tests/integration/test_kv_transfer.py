@@ -33,7 +33,7 @@ from kv_transfer.layout import KVLayout
 from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server
 from kv_transfer.sink import EngineSink
 from kv_transfer.transport import GrpcTransport, TransferError
-from kv_transfer.wire import END_OF_STREAM, checksum, encode_layer
+from kv_transfer.wire import END_OF_STREAM, PROTOCOL_VERSION, checksum, encode_layer
 from protos import kv_transfer_pb2 as pb
 
 pytestmark = [
@@ -473,10 +473,20 @@ def test_malformed_reserve_requests(decode: Decode):
             sampling=pb.SamplingOptions(max_tokens=4, top_p=1.0, repetition_penalty=1.0),
             layout=layout.to_pb(),
             num_blocks=3,
+            protocol_version=PROTOCOL_VERSION,
         )
         md = client._metadata
         expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: stub_call(req, metadata=md))
         req.num_blocks = 7
+        free = decode.engine.num_free_blocks
+        for version in (0, 1, PROTOCOL_VERSION + 1):  # unset (an older sender), old, newer
+            req.protocol_version = version
+            details = expect_status(
+                grpc.StatusCode.FAILED_PRECONDITION, lambda: stub_call(req, metadata=md)
+            )
+            assert f"sender v{version}" in details and "protocol differs" in details
+        assert decode.engine.num_free_blocks == free
+        req.protocol_version = PROTOCOL_VERSION
         req.sampling.max_tokens = 0  # SamplingParams refuses it
         assert "max_tokens" in expect_status(
             grpc.StatusCode.INVALID_ARGUMENT, lambda: stub_call(req, metadata=md)
