@@ -7,9 +7,13 @@ uncached tokens, in one go if the budget allows, else in chunks over several ste
 
 One step, in order:
   1. running sequences, oldest first, each take their next chunk (decodes take 1 token).
-     When the pool has no block for one, the youngest running sequence is preempted: its
-     blocks are freed and it goes back to the head of the waiting queue to be recomputed
-     later (its prefix may still hit the cache). A sequence never preempts an older one.
+     A prompt still being chunked leaves one token of the budget for every decoding
+     sequence behind it, taking at least one token itself (stall-free batching, as in
+     Sarathi-Serve): a sequence that Engine.commit hands over while a long local prompt is
+     chunked decodes at once instead of waiting out the prompt. When the pool has no block
+     for one, the youngest running sequence is preempted: its blocks are freed and it goes
+     back to the head of the waiting queue to be recomputed later (its prefix may still
+     hit the cache). A sequence never preempts an older one.
   2. waiting sequences, first come first served, are admitted while the token budget,
      `max_num_seqs` and the pool allow; the first that does not fit stops admission, so
      arrival order is kept.
@@ -88,10 +92,17 @@ class Scheduler:
 
         # 1. Running sequences, oldest first, at most max_num_seqs of them (sequences handed
         #    over by Engine.commit can push `running` past it; the rest wait their turn).
+        limit = min(len(self.running), self.config.max_num_seqs)
+        # decodes_behind[i]: decoding sequences among running[i + 1 : limit]
+        decodes_behind = [0] * (limit + 1)
+        for j in range(limit - 1, -1, -1):
+            decodes_behind[j] = decodes_behind[j + 1] + self._is_decoding(self.running[j])
         i = 0
         while i < len(self.running) and budget > 0 and i < self.config.max_num_seqs:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._is_decoding(seq):  # at least one token: a chunk never starves
+                num_new = max(1, min(num_new, budget - decodes_behind[i + 1]))
             while not self.block_manager.grow(seq, num_new):
                 victim = self.running.pop()  # the youngest
                 self._preempt(victim)
@@ -130,6 +141,13 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
         return batch
+
+    @staticmethod
+    def _is_decoding(seq: Sequence) -> bool:
+        """Every prompt token computed: the next step takes one token."""
+        return seq.num_tokens - seq.num_computed_tokens == 1 and (
+            seq.num_computed_tokens >= seq.num_prompt_tokens
+        )
 
     def advance(self, batch: ScheduledBatch) -> None:
         """After the forward pass: the scheduled tokens now have KV in the pool."""

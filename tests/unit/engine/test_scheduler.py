@@ -130,6 +130,54 @@ def test_decodes_take_the_budget_first_and_prefills_are_listed_first() -> None:
     finish_all(sched)
 
 
+def commit_decoding(sched: Scheduler, seq: Sequence) -> None:
+    """Put seq in `running` as Engine.commit leaves a transferred prompt: KV in place, first
+    token sampled, decoding from the next step."""
+    assert sched.block_manager.admit(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_prompt_tokens
+    seq.token_ids.append(SAMPLED_TOKEN)
+    seq.status = SequenceStatus.RUNNING
+    sched.running.append(seq)
+
+
+def test_a_chunked_prompt_leaves_budget_for_the_decodes_behind_it() -> None:
+    # A local prompt chunked over several steps, and sequences handed over (Engine.commit)
+    # after it started: they decode every step, the prompt's chunks shrink to make room.
+    sched = make_scheduler(max_num_batched_tokens=16)
+    a = make_seq("a", 40, base=0)
+    sched.add(a)
+    batch = step(sched)
+    assert ids(batch.seqs) == ["a"] and batch.num_new_tokens == [16]
+    b, c = make_seq("b", 3, base=100), make_seq("c", 5, base=200)
+    commit_decoding(sched, b)
+    commit_decoding(sched, c)
+
+    batch, sampled = step_sampling(sched)
+    assert ids(batch.seqs) == ["a", "b", "c"] and batch.num_new_tokens == [14, 1, 1]
+    assert batch.num_prefill_seqs == 1 and sampled == ["b", "c"]
+    batch = step(sched)
+    assert batch.num_new_tokens == [10, 1, 1] and a.num_computed_tokens == 40
+    batch = step(sched)  # all three decode
+    assert ids(batch.seqs) == ["a", "b", "c"] and batch.num_new_tokens == [1, 1, 1]
+    finish_all(sched)
+
+
+def test_a_chunked_prompt_takes_one_token_when_decodes_fill_the_budget() -> None:
+    # More decodes behind the prompt than the budget holds (a budget below max_num_seqs):
+    # the prompt still advances, and the youngest decode waits a step, as before.
+    sched = make_scheduler(max_num_batched_tokens=4)
+    a = make_seq("a", 8, base=0)
+    sched.add(a)
+    step(sched)
+    others = [make_seq(name, 2, base=100 * (i + 1)) for i, name in enumerate("bcde")]
+    for seq in others:
+        commit_decoding(sched, seq)
+    batch = step(sched)
+    assert ids(batch.seqs) == ["a", "b", "c", "d"] and batch.num_new_tokens == [1, 1, 1, 1]
+    assert a.num_computed_tokens == 5
+    finish_all(sched)
+
+
 def test_decodes_beyond_the_token_budget_wait_a_step() -> None:
     sched = make_scheduler(max_num_batched_tokens=4)
     seqs = [make_seq(name, 1, base=10 * i) for i, name in enumerate("abcde")]
@@ -291,11 +339,7 @@ def test_running_past_max_num_seqs_schedules_the_oldest_only() -> None:
     sched = make_scheduler(max_num_seqs=2)
     seqs = [make_seq(f"r{i}", 3, 100 * i) for i in range(3)]
     for seq in seqs:
-        assert sched.block_manager.admit(seq, seq.num_tokens)
-        seq.num_computed_tokens = seq.num_prompt_tokens  # as Engine.commit leaves it
-        seq.token_ids.append(SAMPLED_TOKEN)
-        seq.status = SequenceStatus.RUNNING
-        sched.running.append(seq)
+        commit_decoding(sched, seq)
     batch = step(sched)
     assert ids(batch.seqs) == ["r0", "r1"]
     assert batch.num_new_tokens == [1, 1]
