@@ -23,20 +23,30 @@ last about 7 s (steps of about 13 ms), so 1P1D's one decode GPU holds about 18 r
 streams against the colocated pair's 36: 6, 12, 24 (disaggregation is expected to lose at
 24; it is reported as measured). Prefix cache: 16 (below the uncached prefill limit of
 about 25 req/s of 1600-token prompts: TTFT shows the compute saved) and 64 (above it:
-throughput). Splits: 8, 16, 24, 32 (1P3D's single prefill GPU saturates near 18, 2P2D's
-pair near 36, 3P1D's decode GPU near 40). Each rate of a random workload sends 8 s of
-arrivals (at least 16 requests; rate x 8 s is 32 to 256), so the 2-GPU comparisons take
-about 7.5 minutes and the splits about 6, with a minute per cluster start and stop
-(`--dry-run` prints the estimate). A configuration's sweep stops after a rate where fewer
-than 25% of requests met the TTFT SLO (saturated: its queue grows, higher rates only queue
-more), and --time-budget-s skips whatever would not fit, saying so in report.md.
+throughput). Splits: 16, 24, 32, 40, on 1P3D, 2P2D, 3P1D and four colocated replicas
+(colocated-4, the baseline on the same four GPUs). Measured on 4 x H200 (docs/benchmarks.md),
+1P3D's single prefill GPU saturates between 16 and 24, 2P2D holds 32 (93% of requests met
+at 40), 3P1D's single decode GPU misses TPOT at 40; the colocated pair holds 20 within TPOT
+and fails at 24, so four replicas should hold about 40. 8 is below every limit and adds
+nothing to a best goodput. If colocated-4 still meets the SLOs at 40 its best goodput is a
+lower bound (the basis names the rate), and each split's ratio to it an upper bound.
+Each rate of a random workload sends 8 s of arrivals (at least 16 requests; rate x 8 s is
+48 to 320). `--dry-run` prints the estimate (starts plus unsaturated runs): with a minute
+per cluster start and stop the 2-GPU comparisons take about 11 minutes (9 with the 35-s
+starts the recorded calls assumed, `--start-estimate-s 35`; they run in parts) and the
+splits, four configurations x (a start + four runs of 14 s), about 7.7 (6 with 35-s
+starts); a saturated run may take up to 35 s. A configuration's sweep stops after a rate
+where fewer than 25% of requests met the TTFT SLO (saturated: its queue grows, higher rates
+only queue more), and --time-budget-s skips whatever would not fit, saying so in report.md.
 
 Figures (loadtest/comparison.py defines them): goodput ratio = best goodput over the sweep
 (disaggregated) / best over the sweep (colocated), each at its own best rate; TPOT p90 ratio
 = colocated TPOT p90 / disaggregated TPOT p90 at the highest rate where colocated's TTFT p90
 meets the TTFT SLO with no failed request; output-throughput ratio = best output tokens/s,
 likewise. Prefix cache: throughput ratio (on / off, best over the sweep), TTFT ratio (off /
-on, p50 at the lower rate). Splits: each split's best goodput and best output tokens/s.
+on, p50 at the lower rate). Splits: each configuration's best goodput and best output
+tokens/s (colocated-4's too), and each split's goodput ratio = its best goodput / colocated-4's
+best, each at its own best rate (the 2-GPU goodput ratio's definition).
 `--profile cpu` runs every comparison on local.yaml-based configs (tiny model, CPU workers)
 with tiny lengths, rates and loose SLOs: a smoke test of the driver, not a benchmark.
 """
@@ -101,6 +111,16 @@ def gpu_comparisons() -> dict[str, Comparison]:
         ConfigSpec(f"disagg-{s}", f"cluster_configs/gpu-{s}.yaml", same_roles, key=s)
         for s in ("1p3d", "2p2d", "3p1d")
     )
+    # The splits' baseline on the same four GPUs: colocated-2 with four replicas, nothing
+    # else changed (same engine limits, least-loaded routing), so that the 2- and 4-GPU
+    # comparisons have the same colocated replica. same_roles does not apply: there is no
+    # prefill tier, and decode_engine would set the replicas' limits (a colocated replica
+    # runs the decode role's engine config, baton/launcher.py), chunking their 2k prompts.
+    # First in the plan: a time budget cuts the last configuration's highest rates, which
+    # are the baseline's likely best.
+    colocated4 = ConfigSpec(
+        "colocated-4", colocated.base, {"cluster": {"num_decode": 4}}, key="colocated4"
+    )
     prefill_heavy = RandomWorkload(input_len=2048, output_len=256, arrival_s=8.0)
     decode_heavy = RandomWorkload(input_len=256, output_len=512, arrival_s=8.0)
     shared_prefix = SharedPrefixWorkload(
@@ -141,11 +161,12 @@ def gpu_comparisons() -> dict[str, Comparison]:
             name="splits",
             kind=Kind.SPLITS,
             workload=prefill_heavy,
-            rates_rps=(8, 16, 24, 32),
-            configs=splits,
+            rates_rps=(16, 24, 32, 40),
+            configs=(colocated4, *splits),
             num_gpus=4,
             tail_s=6.0,
             max_run_s=35.0,
+            baseline=colocated4.label,
         ),
     }
 
@@ -163,6 +184,8 @@ def cpu_comparisons() -> dict[str, Comparison]:
         )
         for p, d in ((1, 3), (2, 2), (3, 1))
     )
+    four_replicas = {"cluster": {"mode": "colocated", "num_decode": 4}}
+    colocated4 = ConfigSpec("colocated-4", local, four_replicas, key="colocated4")
     prefill_heavy = RandomWorkload(input_len=128, output_len=16, arrival_s=2.0, min_requests=4)
     common = {"num_gpus": 0, "tail_s": 2.0, "max_run_s": 20.0}
     return {
@@ -185,5 +208,13 @@ def cpu_comparisons() -> dict[str, Comparison]:
             (p1d1, no_cache),
             **common,
         ),
-        "splits": Comparison("splits", Kind.SPLITS, prefill_heavy, (2, 4), splits, **common),
+        "splits": Comparison(
+            "splits",
+            Kind.SPLITS,
+            prefill_heavy,
+            (2, 4),
+            (colocated4, *splits),
+            **common,
+            baseline=colocated4.label,
+        ),
     }

@@ -12,8 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loadtest.comparison import swept_runs
-from loadtest.disagg_plan import Comparison, ConfigSpec, Figure, figure_entries, figures_for
+from loadtest.comparison import best_goodput, best_output_throughput, swept_runs
+from loadtest.disagg_plan import (
+    Comparison,
+    ConfigSpec,
+    Figure,
+    Kind,
+    figure_entries,
+    figures_for,
+)
 from loadtest.metrics import SLO, Distribution
 from loadtest.report import write_report
 from loadtest.results import ResultFile, load_results
@@ -51,6 +58,37 @@ def rate_table(comp: Comparison, files: Mapping[str, ResultFile]) -> list[str]:
     return lines + [""]
 
 
+def split_table(
+    comp: Comparison, files: Mapping[str, ResultFile], figures: Mapping[str, Figure]
+) -> list[str]:
+    """A SPLITS comparison's figures: a bullet naming them, then one row per configuration:
+    its best goodput and best output tokens/s, each with the rate it was taken at, and its
+    goodput ratio to the baseline (when the comparison names one)."""
+    prefix, baseline = comp.figure_prefix, comp.baseline
+    names = f"{prefix}_goodput_KEY, {prefix}_output_tps_KEY"
+    if baseline:
+        names += f", {prefix}_goodput_ratio_KEY (best goodput / {baseline}'s)"
+    lines = [f"- figures, best over the sweep: {names}", ""]
+    lines += [
+        "| config | best goodput req/s (at rate) | best out tok/s (at rate) |"
+        + (f" goodput / {baseline} |" if baseline else ""),
+        "|---|---|---|" + ("---|" if baseline else ""),
+    ]
+    for spec in comp.configs:
+        results = files.get(spec.label)
+        cells = []
+        for figure, best in (("goodput", best_goodput), ("output_tps", best_output_throughput)):
+            f = figures.get(f"{prefix}_{figure}_{spec.key}")
+            at = best(results) if results is not None else None
+            cells.append("—" if f is None or at is None else f"**{f.value:g}** ({at.rate_rps:g})")
+        if baseline:
+            ratio = figures.get(f"{prefix}_goodput_ratio_{spec.key}")
+            cell = "—" if ratio is None else f"**{ratio.value:g}**"
+            cells.append("baseline" if spec.label == baseline else cell)
+        lines.append(f"| {spec.label} | {' | '.join(cells)} |")
+    return lines + [""]
+
+
 def _describe_config(spec: ConfigSpec) -> str:
     return f"{spec.label} ({spec.base}" + (f" + {dict(spec.overrides)})" if spec.overrides else ")")
 
@@ -75,7 +113,12 @@ def markdown_report(
         lines += [f"## {comp.name}", ""]
         lines += [f"- workload: {comp.workload.describe()}"]
         lines += [f"- configs: {', '.join(_describe_config(c) for c in comp.configs)}"]
-        lines += [f"- per-run details and plots: `{comp.name}/`", ""]
+        lines += [f"- per-run details and plots: `{comp.name}/`"]
+        if comp.kind is Kind.SPLITS:  # its figures' bullet, then their table
+            by_name = {f.name: f for f in figures}
+            lines += split_table(comp, files.get(comp.name, {}), by_name)
+        else:
+            lines += [""]
         lines += rate_table(comp, files.get(comp.name, {}))
     lines += ["## What ran", "", "```", *notes.lines, "```", ""]
     return "\n".join(lines)

@@ -3,7 +3,8 @@ starts each configuration once, and the figures each kind of comparison yields.
 
     Comparison     a workload swept over rates on two or more configurations, of a kind:
                    PAIR (disaggregated configs[0] against colocated configs[1]), PREFIX
-                   (prefix caching on, configs[0], against off) or SPLITS (each on its own)
+                   (prefix caching on, configs[0], against off) or SPLITS (each on its own,
+                   and each against the `baseline` config if one is named)
     ConfigSpec     a YAML file of cluster_configs/ with overrides merged in
     plan()         one PlannedConfig per distinct configuration, in order of first use, with
                    every sweep that uses it: a configuration shared by comparisons (1P1D runs
@@ -44,7 +45,7 @@ from loadtest.sweeps import SweepSpec, Workload
 class Kind(enum.Enum):
     PAIR = "pair"  # configs[0] (disaggregated) against configs[1] (colocated)
     PREFIX = "prefix"  # configs[0] (prefix caching on) against configs[1] (off)
-    SPLITS = "splits"  # each config on its own
+    SPLITS = "splits"  # each config on its own, and each against `Comparison.baseline`
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,15 @@ class Comparison:
     num_gpus: int  # GPUs every config uses (0 on CPU)
     tail_s: float  # after the last arrival, until the last answer (unsaturated)
     max_run_s: float
+    baseline: str = ""  # SPLITS: the label of the config every other one is compared with
+
+    def __post_init__(self) -> None:
+        labels = [c.label for c in self.configs]
+        if self.baseline and (self.kind is not Kind.SPLITS or self.baseline not in labels):
+            raise ValueError(
+                f"{self.name}: baseline {self.baseline!r} must be one of the configs "
+                f"{labels} of a SPLITS comparison"
+            )
 
     @property
     def figure_prefix(self) -> str:
@@ -198,6 +208,25 @@ TARGETS = {
 }
 
 
+def _split_ratios(
+    comp: Comparison, files: Mapping[str, ResultFile], absent: list[str], missing: list[str]
+) -> list[Figure]:
+    """Each config's best goodput over the baseline's, each at its own best rate (the
+    2-GPU goodput ratio's definition): PREFIX_goodput_ratio_KEY."""
+    prefix = comp.figure_prefix
+    if comp.baseline in absent:
+        missing.append(f"{prefix}_goodput_ratio_*: {comp.baseline} did not run")
+        return []
+    baseline = files[comp.baseline]
+    figures = []
+    for spec in comp.configs:
+        if spec.label != comp.baseline and spec.label not in absent:  # absent: said already
+            ratio = goodput_ratio(files[spec.label], baseline)
+            name = f"{prefix}_goodput_ratio_{spec.key}"
+            figures += _named(name, ratio, TARGETS.get(name, "report"), missing)
+    return figures
+
+
 def figures_for(
     comp: Comparison, files: Mapping[str, ResultFile], slo: SLO, missing: list[str]
 ) -> list[Figure]:
@@ -212,6 +241,8 @@ def figures_for(
                 missing.append(f"{prefix}_*_{spec.key}: {spec.label} did not run")
             else:
                 figures += _split_figures(prefix, spec, files[spec.label])
+        if comp.baseline:
+            figures += _split_ratios(comp, files, absent, missing)
         return figures
     if absent:
         missing.append(f"{prefix}_*: {', '.join(absent)} did not run")

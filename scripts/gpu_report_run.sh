@@ -2,16 +2,19 @@
 # The disaggregation report (issue 5) on the GPU machine: loadtest/disagg_report.py, in parts.
 #
 #   bash scripts/gpu_report_run.sh 2gpu   # interference, decode-heavy, prefix-cache on GPUs 0,1
-#   bash scripts/gpu_report_run.sh 4gpu   # splits (1P3D, 2P2D, 3P1D) on GPUs 0,1,2,3
+#   bash scripts/gpu_report_run.sh 4gpu   # splits (colocated-4, 1P3D, 2P2D, 3P1D) on GPUs 0-3
 #   bash scripts/gpu_report_run.sh        # all: both parts in turn, in one call
 #
-# Each part takes about 8 (2gpu) and 6.5 (4gpu) minutes if every cluster starts and stops
-# in a minute, so with a 10-minute limit per command run the two parts as two calls (the
-# second on the same 4-GPU machine). The whole script stops by BUDGET_S seconds (default
-# 560: inside one 10-minute call): the report skips, and says so, whatever would not fit,
-# and each part's tarball is written as soon as the part ends. In `all` mode the 2gpu part
-# gets at most 540 s of it and 4gpu what is left (BUDGET_S=900 runs everything where a call
-# may last 15 minutes).
+# By `--dry-run`'s estimate (starts plus unsaturated runs) each part takes about 11 (2gpu)
+# and 7.7 (4gpu: four configurations x four rates) minutes if every cluster starts and stops
+# in a minute, 9 and 6 with 35-s starts (EXTRA_ARGS="--start-estimate-s 35", what the
+# recorded calls assumed); a saturated run takes up to 35 s instead of 14. So with a
+# 10-minute limit per command run the two parts as two calls (the second on the same 4-GPU
+# machine) and the 2gpu part's comparisons in two calls (--comparison in EXTRA_ARGS). The
+# whole script stops by BUDGET_S seconds (default 560: inside one 10-minute call): the report
+# skips, and says so, whatever would not fit, and each part's tarball is written as soon as
+# the part ends. In `all` mode the 2gpu part gets at most 540 s of it and 4gpu what is left
+# (with BUDGET_S=900, where a call may last 15 minutes, about 340 s: not all of the splits).
 #
 # Environment: OUT (default ./results) receives at most 8 files: run.log (everything printed),
 # gpu.txt, and per part report-PART.md, figures-PART.json (docs/benchmarks.json entries: merge

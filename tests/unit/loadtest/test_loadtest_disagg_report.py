@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ from loadtest.disagg_plan import (
     parse_settings,
     plan,
 )
-from loadtest.metrics import SLO
-from loadtest.results import ResultFile, load_results
+from loadtest.metrics import SLO, RequestRecord
+from loadtest.results import ResultFile, RunResult, build_result, load_results
+from loadtest.runner import RunRecords
 from loadtest.server_process import (
     ServerError,
     ServerOptions,
@@ -114,14 +116,33 @@ def test_settings_go_into_every_configuration(tmp_path: Path) -> None:
 def test_the_four_gpu_splits_share_engine_limits(tmp_path: Path) -> None:
     from baton.config import load_config
 
-    planned = plan([disagg_comparisons.gpu_comparisons()["splits"]], tmp_path, LOOSE, 0, {})
+    comps = disagg_comparisons.gpu_comparisons()
+    planned = plan([comps["splits"]], tmp_path, LOOSE, 0, {})
+    assert comps["splits"].baseline == planned[0].spec.label == "colocated-4"
     layouts = []
-    for p in planned:
+    for p in planned[1:]:
         cfg = load_config(p.config_path)
         c = cfg.cluster
         layouts.append((c.num_prefill, c.num_decode, cfg.prefill.max_num_seqs))
         assert cfg.decode.max_num_batched_tokens == 2048 and c.num_workers == 4
     assert layouts == [(1, 3, 32), (2, 2, 32), (3, 1, 32)]
+
+
+def test_the_four_gpu_baseline_is_the_two_gpu_one_with_four_replicas(tmp_path: Path) -> None:
+    from baton.config import ClusterMode, load_config
+
+    comps = disagg_comparisons.gpu_comparisons()
+    four = plan([comps["splits"]], tmp_path / "4", LOOSE, 0, {})[0]
+    two = plan([comps["interference"]], tmp_path / "2", LOOSE, 0, {})[1]
+    assert (four.spec.label, four.spec.key) == ("colocated-4", "colocated4")
+    assert two.spec.label == "colocated-2"
+    raw_four = yaml.safe_load(four.config_path.read_text())
+    raw_two = yaml.safe_load(two.config_path.read_text())
+    assert raw_four["cluster"].pop("num_decode") == 4 and raw_two["cluster"].pop("num_decode") == 2
+    assert raw_four == raw_two  # the same replica: engine limits, routing, everything else
+    cfg = load_config(four.config_path)
+    assert cfg.cluster.mode is ClusterMode.COLOCATED and four.num_workers == 4
+    assert cfg.decode.max_num_batched_tokens == 8192  # not the splits' decode_engine limit
 
 
 def test_a_run_that_does_not_fit_the_budget_is_skipped_and_said_so(tmp_path: Path) -> None:
@@ -184,6 +205,60 @@ def test_figures_name_what_is_missing(tmp_path: Path) -> None:
     missing: list[str] = []
     assert figures_for(comp, {"d": ResultFile("d", [])}, LOOSE, missing) == []
     assert missing == ["bench.interference_*: d, c did not run"]
+
+
+def _run(rate: float, num_good: int, num_late: int = 0) -> RunResult:
+    """A 10-s run at `rate`: num_good requests within LOOSE, num_late past its TTFT."""
+    records = [
+        RequestRecord(
+            index=i,
+            request_id=f"r{i}",
+            due_s=0.0,
+            send_s=0.0,
+            chunk_times_s=(ttft_s, ttft_s + 0.1),
+            chunk_num_tokens=(1, 2),
+            output_tokens=3,
+            prompt_tokens=8,
+        )
+        for i, ttft_s in enumerate([0.1] * num_good + [9.0] * num_late)
+    ]
+    arrival = {"kind": "open_loop", "rate_rps": rate, "burstiness": 1.0, "seed": 0}
+    raw = RunRecords(arrival, records, 10.0, num_not_sent=0, started_at_unix_s=0.0)
+    return build_result(raw, {"name": "random"}, {"kind": "fake"}, LOOSE)
+
+
+def test_splits_are_compared_with_their_baseline_each_at_its_best_rate() -> None:
+    specs = tuple(ConfigSpec(label, LOCAL, key=label) for label in "cab")
+    comp = Comparison("splits", Kind.SPLITS, RandomWorkload(8, 3, 0.1), (10.0, 20.0), specs,
+                      0, 1.0, 10.0, baseline="c")  # fmt: skip
+    files = {
+        "c": ResultFile("c", [_run(10, 10), _run(20, 30, 10)]),  # best 3 req/s, at 20
+        "a": ResultFile("a", [_run(10, 15), _run(20, 5, 35)]),  # best 1.5 req/s, at 10
+    }
+    missing: list[str] = []
+    figures = {f.name: f for f in figures_for(comp, files, LOOSE, missing)}
+    assert set(figures) == {
+        "bench.split_goodput_c",
+        "bench.split_output_tps_c",
+        "bench.split_goodput_a",
+        "bench.split_output_tps_a",
+        "bench.split_goodput_ratio_a",
+    }
+    assert figures["bench.split_goodput_c"].value == 3.0
+    assert figures["bench.split_goodput_a"].value == 1.5
+    ratio = figures["bench.split_goodput_ratio_a"]
+    assert (ratio.value, ratio.unit, ratio.target) == (0.5, "ratio", "report")
+    assert ratio.basis == "a 1.50 req/s at 10 req/s vs c 3.00 req/s at 20 req/s"
+    assert missing == ["bench.split_*_b: b did not run"]
+
+    missing = []
+    names = [f.name for f in figures_for(comp, {"a": files["a"]}, LOOSE, missing)]
+    assert names == ["bench.split_goodput_a", "bench.split_output_tps_a"]
+    assert "bench.split_goodput_ratio_*: c did not run" in missing
+    with pytest.raises(ValueError, match="baseline 'x' must be one of the configs"):
+        replace(comp, baseline="x")
+    with pytest.raises(ValueError, match="of a SPLITS comparison"):
+        replace(comp, kind=Kind.PAIR)
 
 
 def test_client_address_dials_loopback_for_a_wildcard_bind() -> None:
@@ -254,12 +329,12 @@ def test_the_whole_report_against_fake_servers(
     argv += ["--record", "--benchmarks-json", str(bench_json)]
     assert disagg_report.main(argv) == 0
 
-    labels = ["disagg-1p1d", "colocated-2", "disagg-1p3d", "disagg-2p2d", "disagg-3p1d"]
-    assert started == labels  # one start per configuration
+    splits = ["colocated-4", "disagg-1p3d", "disagg-2p2d", "disagg-3p1d"]
+    assert started == ["disagg-1p1d", "colocated-2", *splits]  # one start per configuration
     for comparison, files in (
         ("interference", ["results-disagg-1p1d.json", "results-colocated-2.json", "comparison.md"]),
         ("decode-heavy", ["results-disagg-1p1d.json", "results-colocated-2.json", "comparison.md"]),
-        ("splits", ["results-disagg-1p3d.json", "results-disagg-3p1d.json", "summary.md"]),
+        ("splits", ["results-colocated-4.json", "results-disagg-3p1d.json", "summary.md"]),
     ):
         for name in files:
             assert (out / comparison / name).is_file(), (comparison, name)
@@ -267,7 +342,7 @@ def test_the_whole_report_against_fake_servers(
     assert no_plots == [  # plots once, at the end, every configuration on one chart
         ["disagg-1p1d", "colocated-2"],
         ["disagg-1p1d", "colocated-2"],
-        ["disagg-1p3d", "disagg-2p2d", "disagg-3p1d"],
+        splits,
     ]
     entries = json.loads((out / "figures.json").read_text())
     names = {e["name"] for e in entries}
@@ -275,10 +350,19 @@ def test_the_whole_report_against_fake_servers(
         "bench.interference_goodput_ratio",
         "bench.interference_tpot_p90_ratio",
         "bench.decode_heavy_goodput_ratio",
-        "bench.split_goodput_1p3d",
-        "bench.split_goodput_2p2d",
-        "bench.split_goodput_3p1d",
     } <= names
+    split_names = [e["name"] for e in entries if e["name"].startswith("bench.split_")]
+    assert split_names == [
+        f"bench.split_{figure}_{key}"
+        for key in ("colocated4", "1p3d", "2p2d", "3p1d")
+        for figure in ("goodput", "output_tps")
+    ] + [f"bench.split_goodput_ratio_{key}" for key in ("1p3d", "2p2d", "3p1d")]
+    by_name = {e["name"]: e for e in entries}
+    ratio = by_name["bench.split_goodput_ratio_2p2d"]
+    assert ratio["unit"] == "ratio" and ratio["target"] == "report" and ratio["value"] > 0
+    assert ratio["baseline"].startswith("disagg-2p2d ") and " vs colocated-4 " in ratio["baseline"]
+    assert by_name["bench.split_goodput_colocated4"]["unit"] == "req/s"
+    assert by_name["bench.split_output_tps_colocated4"]["unit"] == "tokens/s"
     for e in entries:
         assert math.isfinite(e["value"]) and e["card"] == "CPU dev box"
         assert e["command"].startswith("python -m loadtest.disagg_report --profile cpu")
@@ -288,6 +372,15 @@ def test_the_whole_report_against_fake_servers(
     report = (out / "report.md").read_text()
     assert "| bench.interference_goodput_ratio |" in report
     assert "| 80 | colocated-2 | 8/8 |" in report
+    assert "| bench.split_goodput_ratio_2p2d |" in report
+    splits_section = report[report.index("## splits") : report.index("## What ran")]
+    head = "| config | best goodput req/s (at rate) | best out tok/s (at rate) | goodput / "
+    assert head + "colocated-4 |" in splits_section
+    assert "| colocated-4 | **" in splits_section and "| baseline |" in splits_section
+    g = by_name["bench.split_goodput_2p2d"]["value"]
+    assert f"| disagg-2p2d | **{g:g}** (" in splits_section
+    assert f"| **{ratio['value']:g}** |" in splits_section
+    assert "| 80 | colocated-4 | 8/8 |" in splits_section
 
     # --report-only rebuilds the same from the files (say, the plots where matplotlib is).
     (out / "splits" / "sweep.png").unlink()
@@ -327,4 +420,7 @@ def test_cli_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert disagg_report.main(["--config", "disagg-9p9d=x.yaml", *out]) == 2
     assert "--config takes LABEL=YAML with LABEL in ['colocated-2'" in capsys.readouterr().err
     assert disagg_report.main(["--dry-run", "--comparison", "splits", *out]) == 0
-    assert "disagg-2p2d (4 workers): splits @ 8/16/24/32 req/s" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "colocated-4 (4 workers): splits @ 16/24/32/40 req/s" in err
+    assert "disagg-2p2d (4 workers): splits @ 16/24/32/40 req/s" in err
+    assert "plan: about 464 s" in err  # 4 x (60 s start + 4 x (8 s + 6 s tail))
