@@ -27,7 +27,7 @@ from engine.presets import preset
 from engine.sampler import TokenLogprobs
 from engine.sampling_params import SamplingParams
 from kv_transfer.client import ClientConfig, KVTransferClient, RemoteReservation
-from kv_transfer.cuda_ipc import contiguous_runs, issue_copies, layer_digests, plan_copies
+from kv_transfer.ipc_plan import contiguous_runs, issue_copies, layer_digests, plan_copies
 from kv_transfer.layer_stream import LayerStreamer, TransferStatus
 from kv_transfer.layout import KVLayout
 from kv_transfer.server import KVTransferServer, ServerConfig, TlsConfig, start_server

@@ -230,13 +230,13 @@ class EventRuntime:
 
 
 def test_session_slots_are_reused_grow_for_large_sessions_and_are_all_kept():
-    from kv_transfer.cuda_ipc import _SlotPool
+    from kv_transfer.ipc_slots import SlotPool
 
     runtime = EventRuntime()
-    slots = _SlotPool(runtime, torch.device("cpu"), num_layers=4, num_ready=1)
+    slots = SlotPool(runtime, torch.device("cpu"), num_layers=4, num_ready=1)
     first = slots.take(10)
-    assert first.capacity == _SlotPool.MIN_CAPACITY and first.host_words.dtype == np.int32
-    assert first.device.numel() == first.host.numel() == 2 * _SlotPool.MIN_CAPACITY + 2 * 4
+    assert first.capacity == SlotPool.MIN_CAPACITY and first.host_words.dtype == np.int32
+    assert first.device.numel() == first.host.numel() == 2 * SlotPool.MIN_CAPACITY + 2 * 4
     assert first.device_address == first.device.data_ptr() and (first.ready, first.done) == (
         100,
         101,
@@ -248,11 +248,11 @@ def test_session_slots_are_reused_grow_for_large_sessions_and_are_all_kept():
     assert second is not first and slots.num_slots == 2
     slots.give_back(first)
     assert slots.take(3) is first  # reused for any session that fits
-    big = slots.take(_SlotPool.MIN_CAPACITY + 1)  # a larger slot, kept like the others
-    assert big.capacity == _SlotPool.MIN_CAPACITY + 1 and slots.num_slots == 3
+    big = slots.take(SlotPool.MIN_CAPACITY + 1)  # a larger slot, kept like the others
+    assert big.capacity == SlotPool.MIN_CAPACITY + 1 and slots.num_slots == 3
     slots.give_back(big)
     slots.give_back(second)
-    assert slots.take(_SlotPool.MIN_CAPACITY + 1) is big  # only the large one fits
+    assert slots.take(SlotPool.MIN_CAPACITY + 1) is big  # only the large one fits
     assert slots.take(5) is second
     slots.close()
     assert sorted(runtime.destroyed) == list(range(100, 106))

@@ -276,8 +276,9 @@ def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     from engine.kv_pool import KVPool
     from engine.presets import preset
     from kv_transfer.client import RemoteReservation
-    from kv_transfer.cuda_ipc import CudaIpcTransport, _SlotPool
+    from kv_transfer.cuda_ipc import CudaIpcTransport
     from kv_transfer.ipc_handle import RemotePool
+    from kv_transfer.ipc_slots import SlotPool
 
     log: list[str] = []
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -309,7 +310,7 @@ def make_session(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
                                                  half_words, True, -1, 7)  # fmt: skip
         t.digest_launch = ipc_kernels.DirectLaunch(t.local_words, None, 12, 12, half_words,
                                                    True, -1, 7)  # fmt: skip
-        t.slots = _SlotPool(t.runtime, t.local_device, local.num_layers, num_ready=1)  # e1, e2
+        t.slots = SlotPool(t.runtime, t.local_device, local.num_layers, num_ready=1)  # e1, e2
         slot = t.slots._free[0]
         slot.device.fill_(-7)  # what a previous session may have left: open must zero it
         slot.host.fill_(-7)
