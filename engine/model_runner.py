@@ -149,7 +149,7 @@ class ModelRunner:
         whole engine for 0.4 to 1 s; measured (`python -m loadtest.step_trace`, H100): the
         first minute of 2k-prompt traffic hit 11 such steps, TTFT p90 630 ms cold against
         106 ms warm. The kernels do not specialize on what varies per batch (see
-        triton_attention.py), so the variants left are few: prefill tiles for short and long
+        triton_*_attention.py), so the variants left are few: prefill tiles for short and long
         queries, decode with and without split-K and the reduce's padded split counts, and
         the elementwise kernels at 1, 16k and other token counts. These batches reach each
         of them: prefill queries of 0, 17, 100 and 2048 tokens beside 0 to 40 decode rows,

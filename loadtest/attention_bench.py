@@ -41,15 +41,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.triton_attention import (  # noqa: E402
+from engine.triton_attention_config import (  # noqa: E402
     DecodeConfig,
     PrefillConfig,
     choose_decode_config,
     choose_prefill_config,
-    paged_decode_attention,
-    paged_prefill_attention,
-    prefill_flops,
 )
+from engine.triton_decode_attention import paged_decode_attention  # noqa: E402
+from engine.triton_prefill_attention import paged_prefill_attention, prefill_flops  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16

@@ -33,13 +33,13 @@ pytestmark = [
     ),
 ]
 
-from engine.triton_attention import (  # noqa: E402
+from engine.triton_attention_config import (  # noqa: E402
     DecodeConfig,
     PrefillConfig,
     choose_decode_config,
-    paged_decode_attention,
-    paged_prefill_attention,
 )
+from engine.triton_decode_attention import paged_decode_attention  # noqa: E402
+from engine.triton_prefill_attention import paged_prefill_attention  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 BLOCK_SIZE = 16

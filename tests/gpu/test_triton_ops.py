@@ -25,7 +25,7 @@ pytestmark = [
     ),
 ]
 
-import engine.triton_attention  # noqa: E402,F401  (patches the interpreter when interpreting)
+import engine.triton_interpreter  # noqa: E402,F401  (patches the interpreter when interpreting)
 from engine import triton_ops  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
