@@ -10,7 +10,9 @@ reduced once at the end — keeps enough bytes in flight on every SM without a s
 
 Which one runs is measured, not assumed: `tune(model)` times cuBLAS and a few launch shapes
 for every distinct weight shape once at start-up (CUDA only) and stores the winner on the
-layer; `DecodeLinear` uses it for single-row inputs and cuBLAS otherwise. Arithmetic: fp32
+layer; `DecodeLinear` uses it for single-row inputs and cuBLAS otherwise. The first engine
+on a host to time a shape records the winner for the others (engine/gemv_choices.py), so
+engines of one host do not differ in the last bit by timing noise. Arithmetic: fp32
 accumulation of bf16 products, one rounding of the sum (as cuBLAS), in a different order, so
 results may differ from cuBLAS in the last bit.
 """
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.gemv_choices import Choice, HostChoices, ShapeKey
 
 log = logging.getLogger(__name__)
 
@@ -153,21 +158,38 @@ def choose(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[GemvConfig 
 
 
 @torch.inference_mode()
-def tune(model: nn.Module) -> None:
+def tune(model: nn.Module, cache_dir: Path | None = None) -> None:
     """Pick cuBLAS or a GEMV launch shape for every DecodeLinear in `model` (CUDA only),
-    once per distinct weight shape; logs the timings."""
+    once per distinct weight shape, the same as every other engine on this host
+    (engine/gemv_choices.py: the first to time a shape records it; cache_dir None: the
+    default folder); logs the timings of what it times itself."""
     layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
     if not layers or layers[0].weight.device.type != "cuda":
         return
-    chosen: dict[tuple[int, int, bool], GemvConfig | None] = {}
+    by_shape = {(*m.weight.shape, m.bias is not None): m for m in reversed(layers)}
+
+    def time_shape(key: ShapeKey) -> Choice:
+        layer = by_shape[key]
+        config, timings = choose(layer.weight, layer.bias)
+        log.info("M=1 product %s: %s (us: %s)", key[:2], config or "cuBLAS",
+                 ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))  # fmt: skip
+        return None if config is None else (config.block_n, config.block_k, config.num_warps)
+
+    choices = HostChoices(_combination(layers[0].weight.device), cache_dir).choose(
+        by_shape, time_shape
+    )
     for layer in layers:
-        key = (*layer.weight.shape, layer.bias is not None)
-        if key not in chosen:
-            chosen[key], timings = choose(layer.weight, layer.bias)
-            log.info(
-                "M=1 product %s: %s (us: %s)",
-                key[:2],
-                chosen[key] or "cuBLAS",
-                ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
-            )
-        layer.gemv_config = chosen[key]
+        choice = choices[(*layer.weight.shape, layer.bias is not None)]
+        layer.gemv_config = None if choice is None else GemvConfig(*choice)
+
+
+def _combination(device: torch.device) -> str:
+    """What the recorded choices hold for: the GPU model, the software, the candidates."""
+    import triton
+
+    return "; ".join((
+        torch.cuda.get_device_name(device),
+        f"torch {torch.__version__}",
+        f"triton {triton.__version__}",
+        f"candidates {[(c.block_n, c.block_k, c.num_warps) for c in CANDIDATES]}",
+    ))  # fmt: skip

@@ -124,3 +124,27 @@ def test_gemv_against_float64(dtype: torch.dtype, bias: bool, shape: tuple[int, 
         out = gemv(x, w, b, cfg)
         assert out.shape == (1, n) and out.dtype == dtype
         assert rel_err(out, ref) < TOL[dtype], cfg
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="tune times on CUDA only")
+def test_engines_of_one_host_take_the_recorded_gemv_choices(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    # engine/gemv_choices.py: the first tune times and records; a second model of the same
+    # shapes takes those choices without timing (gemv.choose would fail if called).
+    from engine import gemv
+
+    def model() -> torch.nn.Module:
+        layers = [gemv.DecodeLinear(512, 1024, bias=False), gemv.DecodeLinear(512, 256)]
+        return torch.nn.Sequential(*layers).to(DEVICE, torch.bfloat16)
+
+    first = model()
+    gemv.tune(first, tmp_path)
+    assert len(list(tmp_path.glob("gemv-*.json"))) == 1
+
+    def no_timing(*args: object) -> None:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(gemv, "choose", no_timing)
+    second = model()
+    gemv.tune(second, tmp_path)
+    for a, b in zip(first, second, strict=True):
+        assert a.gemv_config == b.gemv_config
