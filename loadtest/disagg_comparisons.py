@@ -26,10 +26,11 @@ about 25 req/s of 1600-token prompts: TTFT shows the compute saved) and 64 (abov
 throughput). Splits: 16, 24, 32, 40, on 1P3D, 2P2D, 3P1D and four colocated replicas
 (colocated-4, the baseline on the same four GPUs). Measured on 4 x H200 (docs/benchmarks.md),
 1P3D's single prefill GPU saturates between 16 and 24, 2P2D holds 32 (93% of requests met
-at 40), 3P1D's single decode GPU misses TPOT at 40; the colocated pair holds 20 within TPOT
-and fails at 24, so four replicas should hold about 40. 8 is below every limit and adds
-nothing to a best goodput. If colocated-4 still meets the SLOs at 40 its best goodput is a
-lower bound (the basis names the rate), and each split's ratio to it an upper bound.
+at 40), 3P1D's single decode GPU misses TPOT at 32 to 40, and colocated-4 holds 32 and
+misses TPOT at 40 (64% met; the colocated pair holds 20 and fails at 24). 8 is below every
+limit and adds nothing to a best goodput. Were colocated-4 to meet the SLOs at the highest
+rate, its best goodput would be a lower bound (the basis names the rate), and each split's
+ratio to it an upper bound.
 Each rate of a random workload sends 8 s of arrivals (at least 16 requests; rate x 8 s is
 48 to 320). `--dry-run` prints the estimate (starts plus unsaturated runs): with a minute
 per cluster start and stop the 2-GPU comparisons take about 11 minutes (9 with the 35-s
