@@ -190,6 +190,7 @@ def _combination(device: torch.device) -> str:
     return "; ".join((
         torch.cuda.get_device_name(device),
         f"torch {torch.__version__}",
+        f"cuda {torch.version.cuda}",
         f"triton {triton.__version__}",
         f"candidates {[(c.block_n, c.block_k, c.num_warps) for c in CANDIDATES]}",
     ))  # fmt: skip

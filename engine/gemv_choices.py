@@ -22,7 +22,8 @@ locally, with a warning: a start-up never fails for it.
 
 Where: $BATON_CACHE_DIR, else ~/.cache/baton; one file per combination,
 `gemv-<hash>.json`, holding {"key": ..., "choices": {"NxKxbias": [block_n, block_k,
-num_warps] or null for cuBLAS}}.
+num_warps] or null for cuBLAS}}. The choices stay until the file is deleted: delete it to
+time again (say, if the first engine timed on a GPU that something else kept busy).
 """
 
 from __future__ import annotations
