@@ -240,6 +240,7 @@ def launch(
             (prefill_transport_factories or {}).get(i),
             kv_root_pem,
             kv.tls_server_name,
+            kv.keep_freed_memory,
         )
         for i in range(c.num_prefill_workers)
     ]
@@ -248,7 +249,9 @@ def launch(
         DecodeActor.options(**common, **d_opts[i]).remote(
             f"{role}-{i}",
             WorkerSpec(cfg.decode, model_path, c.cpu_threads_per_worker),
-            KVServiceSpec(token, kv.bind_host, kv.lease_s, kv_server_tls) if disagg else None,
+            KVServiceSpec(token, kv.bind_host, kv.lease_s, kv_server_tls, kv.keep_freed_memory)
+            if disagg
+            else None,
         )
         for i in range(c.num_decode)
     ]

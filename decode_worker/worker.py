@@ -79,6 +79,7 @@ class KVServiceSpec:
     bind_host: str  # the address to bind and to advertise
     lease_s: float = 30.0
     tls: TlsConfig | None = None  # set: the KV-transfer port serves TLS
+    keep_freed_memory: bool = False  # kv_transfer/allocator.py, applied by the actor at start
 
 
 class DecodeWorker:

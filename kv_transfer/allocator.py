@@ -15,7 +15,8 @@ falls, 0.65-0.69 to 0.58-0.62.
 
 It is not on by default: it changes allocation for the whole process, and freed memory up
 to `trim_threshold_bytes` per malloc arena stays with the process instead of going back to
-the OS. A worker that turns it on does so once, at start, before its threads allocate.
+the OS. `cluster.kv_transfer.keep_freed_memory: true` turns it on in every worker, once, at
+the start of its actor, before the engine and the KV-transfer threads allocate.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import asyncio
 import ray
 
 from decode_worker.messages import PrefillResult, PrefillTask, WorkerLoad
+from kv_transfer.allocator import keep_freed_memory as keep_freed_memory_now
 from kv_transfer.transport import TransportKind, make_transport
 from prefill_worker.streamers import TransportFactory
 from prefill_worker.worker import PrefillWorker
@@ -29,11 +30,14 @@ class PrefillActor:
         transport_factory: TransportFactory | None = None,
         kv_tls_root_pem: bytes | None = None,
         kv_tls_server_name: str | None = None,
+        keep_freed_memory: bool = False,
     ) -> None:
         """transport_factory: None for kv_transfer's own (`make_transport`); tests pass
-        prefill_worker/faults.py's to inject transfer faults."""
+        prefill_worker/faults.py's to inject transfer faults. keep_freed_memory: apply
+        kv_transfer/allocator.py's malloc settings to this process first."""
         from baton.launcher import build_engine
 
+        self.keeps_freed_memory = keep_freed_memory and keep_freed_memory_now()
         engine = build_engine(worker_spec)
         self.worker = PrefillWorker(
             name,

@@ -93,7 +93,11 @@ def clusters(
 ) -> Iterator[Callable[[str], Cluster]]:
     folder, _ = checkpoint
     layouts = {
-        "disagg": {"placement": "spread", "kv_transfer": {"bind_host": "node_ip"}},
+        # KV over gRPC between nodes, with the malloc settings that path can opt into
+        "disagg": {
+            "placement": "spread",
+            "kv_transfer": {"bind_host": "node_ip", "keep_freed_memory": True},
+        },
         "colocated": {"mode": "colocated", "num_decode": 1},
         "prefix": {"num_prefill": 2, "num_decode": 2, "routing": {"policy": "prefix_aware"}},
         "gpu_pack": {"gpus_per_worker": 1, "placement": "pack"},
@@ -364,6 +368,13 @@ def test_two_nodes_put_prefill_and_decode_apart_over_grpc(
     assert kinds == {kv_address: "grpc"}
     counters = ray.get(d_actor.kv_counters.remote())
     assert counters["bytes_received"] > 0 and counters["transfers_committed"] >= 1
+    # kv_transfer.keep_freed_memory (on in this layout, off by default): both applied it
+    applied = [
+        a.__ray_call__.remote(lambda actor: actor.keeps_freed_memory) for a in (p_actor, d_actor)
+    ]
+    assert ray.get(applied) == [True, True]
+    (other,) = clusters("colocated").decode_actors
+    assert ray.get(other.__ray_call__.remote(lambda actor: actor.keeps_freed_memory)) is False
     wait_all_blocks_free(cluster)
 
 
