@@ -20,10 +20,11 @@ exclusive lock (fcntl.flock) while it is read, completed and written, so engines
 together wait for the first. Anything wrong with the file or its folder falls back to timing
 locally, with a warning: a start-up never fails for it.
 
-Where: $BATON_CACHE_DIR, else ~/.cache/baton; one file per combination,
-`gemv-<hash>.json`, holding {"key": ..., "choices": {"NxKxbias": [block_n, block_k,
-num_warps] or null for cuBLAS}}. The choices stay until the file is deleted: delete it to
-time again (say, if the first engine timed on a GPU that something else kept busy).
+Where: $BATON_CACHE_DIR, else ~/.cache/baton (the temp folder's baton-cache without a home
+directory); one file per combination, `gemv-<hash>.json`, holding {"key": ..., "choices":
+{"NxKxbias": [block_n, block_k, num_warps] or null for cuBLAS}}. The choices stay until the
+file is deleted: delete it to time again (say, if the first engine timed on a GPU that
+something else kept busy).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -46,7 +48,12 @@ Choice = tuple[int, int, int] | None  # a GEMV launch shape, or None for cuBLAS
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "baton")
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    try:
+        return Path.home() / ".cache" / "baton"
+    except RuntimeError:  # no home directory (a bare container user): still one per host
+        return Path(tempfile.gettempdir()) / "baton-cache"
 
 
 def _name(key: ShapeKey) -> str:

@@ -115,3 +115,13 @@ def test_an_unusable_folder_falls_back_to_timing_here(tmp_path: Path) -> None:
 def test_the_folder_comes_from_the_environment(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("BATON_CACHE_DIR", str(tmp_path / "cache"))
     assert HostChoices(KEY).path.parent == tmp_path / "cache"
+
+
+def test_without_a_home_directory_the_temp_folder_serves(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.delenv("BATON_CACHE_DIR", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert HostChoices(KEY).path.parent.name == "baton-cache"
