@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
-from loadtest.engine_bench import copy_bandwidth_gbs, cuda_time_s, start_decode_batch
+from loadtest.engine_bench_roofline import copy_bandwidth_gbs, cuda_time_s
+from loadtest.engine_bench_runs import start_decode_batch
 
 log = logging.getLogger("decode_profile")
 

@@ -15,8 +15,14 @@ Measures, for the `llama3-8b` shape with random bf16 weights:
   capacity    KV tokens at gpu_memory_utilization=0.9 against (0.9 * total - weights) / KV
               bytes per token
 
-Correctness comes first: before timing, Baton's greedy tokens for a short prompt are checked
-against transformers on the same weights (bf16: the first tokens must agree).
+Correctness comes first (unless --skip-hf): before timing, on the same shape cut to 2 layers,
+Baton's logprobs of its own greedy tokens are checked against transformers' on the same
+weights, teacher-forced (bf16: max |logprob diff| < 0.15).
+
+This file is the command line, the JSON and the printed table; the parts live beside it:
+engine_bench_roofline.py (ceilings, model arithmetic, floors), engine_bench_runs.py (Baton's
+timed runs) and engine_bench_hf.py (transformers: the same weights, the correctness check, the
+throughput baseline).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import argparse
 import gc
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,272 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.presets import preset_hf_config  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from loadtest.engine_bench_hf import (  # noqa: E402
+    bench_hf,
+    build_hf_model,
+    check_correctness,
+    copy_weights_into_hf,
+)
+from loadtest.engine_bench_roofline import (  # noqa: E402
+    copy_bandwidth_gbs,
+    matmul_tflops,
+    offline_floor_s,
+    prefill_flops,
+)
+from loadtest.engine_bench_runs import bench_decode, bench_offline, bench_prefill  # noqa: E402
 
 log = logging.getLogger("engine_bench")
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-# ---- ceilings --------------------------------------------------------------------------------
-
-
-def cuda_time_s(fn: Any, repeat: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs() -> float:
-    n = 2**30 // 2  # 2 GiB... in bf16 elements: 1 GiB tensor; read + written = 2 GiB
-    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    t = cuda_time_s(lambda: dst.copy_(src))
-    return 2 * src.numel() * 2 / t / 1e9
-
-
-def matmul_tflops() -> float:
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    t = cuda_time_s(lambda: a @ b)
-    return 2 * n**3 / t / 1e12
-
-
-# ---- model arithmetic ------------------------------------------------------------------------
-
-
-def weight_bytes_per_decode_step(cfg: ModelConfig, batch: int) -> int:
-    """Every weight is read once per step, except the embedding table (batch rows only)."""
-    embed = cfg.vocab_size * cfg.hidden_size
-    return 2 * (cfg.num_parameters() - embed + batch * cfg.hidden_size) + (
-        2 * embed if cfg.tie_word_embeddings else 0
-    )
-
-
-def prefill_flops(cfg: ModelConfig, num_tokens: int, context: int = 0) -> float:
-    """Matmul FLOPs of a prefill chunk: linear layers + causal attention + one logits row."""
-    embed = cfg.vocab_size * cfg.hidden_size
-    linear = 2 * (cfg.num_parameters() - embed * (1 if cfg.tie_word_embeddings else 2)) * num_tokens
-    # QK^T and PV over the causal triangle (plus the cached context).
-    pairs = num_tokens * context + num_tokens * (num_tokens + 1) / 2
-    attn = 4 * pairs * cfg.q_size * cfg.num_hidden_layers
-    return linear + attn + 2 * embed
-
-
-# ---- Baton -----------------------------------------------------------------------------------
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g).tolist()
-
-
-def run_to_completion(engine: Engine) -> int:
-    tokens = 0
-    while engine.has_unfinished():
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
-    return tokens
-
-
-def start_decode_batch(
-    engine: Engine, batch: int, context: int, max_tokens: int, seed: int
-) -> list[str]:
-    """Add `batch` greedy requests of `context - 1` random prompt tokens, prefill them all and
-    run three decode steps (warm-up); returns their request ids."""
-    cfg = engine.config.model
-    params = SamplingParams(max_tokens=max_tokens, **GREEDY)
-    ids = [f"decode-{batch}-{i}" for i in range(batch)]
-    for rid, p in zip(ids, random_prompts(batch, context - 1, cfg.vocab_size, seed), strict=True):
-        engine.add_request(rid, p, params)
-    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or (
-        engine.scheduler.waiting
-    ):
-        engine.step()
-    for _ in range(3):
-        engine.step()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return ids
-
-
-def bench_decode(
-    engine: Engine, batch: int, context: int, steps: int, seed: int
-) -> dict[str, float]:
-    cfg = engine.config.model
-    ids = start_decode_batch(engine, batch, context, steps + 8, seed)
-    ctx_start = statistics.mean(s.num_tokens for s in engine.scheduler.running)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()  # ends in a host read of the sampled tokens: synchronous
-        times.append(time.perf_counter() - t0)
-    ctx_mean = ctx_start + steps / 2
-    for rid in ids:
-        engine.abort(rid)
-    step_s = statistics.median(times)
-    kv_bytes = batch * ctx_mean * cfg.kv_bytes_per_token(2)
-    return {
-        "step_ms": step_s * 1e3,
-        "bytes": weight_bytes_per_decode_step(cfg, batch) + kv_bytes,
-        "context_mean": ctx_mean,
-    }
-
-
-def bench_prefill(engine: Engine, num_tokens: int, seed: int, repeat: int = 5) -> float:
-    cfg = engine.config.model
-    times = []
-    for r in range(repeat + 1):
-        (prompt,) = random_prompts(1, num_tokens, cfg.vocab_size, seed + r)
-        engine.add_request(f"prefill-{r}", prompt, SamplingParams(max_tokens=1, **GREEDY))
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-        assert not engine.has_unfinished()
-    return statistics.median(times[1:])  # the first run warms up
-
-
-def bench_offline(
-    engine: Engine, num_requests: int, prompt_len: int, output_len: int, seed: int
-) -> dict[str, float]:
-    cfg = engine.config.model
-    prompts = random_prompts(num_requests, prompt_len, cfg.vocab_size, seed)
-    params = SamplingParams(max_tokens=output_len, **GREEDY)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"offline-{i}", p, params)
-    tokens = run_to_completion(engine)
-    elapsed = time.perf_counter() - t0
-    assert tokens == num_requests * output_len, tokens
-    return {"elapsed_s": elapsed, "output_tokens": tokens}
-
-
-def offline_floor_s(
-    cfg: ModelConfig,
-    num_requests: int,
-    prompt_len: int,
-    output_len: int,
-    copy_gbs: float,
-    matmul: float,
-) -> float:
-    prefill = num_requests * prefill_flops(cfg, prompt_len) / (matmul * 1e12)
-    decode = 0.0
-    for step in range(1, output_len):  # the first token comes from prefill
-        ctx = prompt_len + step
-        step_bytes = weight_bytes_per_decode_step(cfg, num_requests) + num_requests * ctx * (
-            cfg.kv_bytes_per_token(2)
-        )
-        decode += step_bytes / (copy_gbs * 1e9)
-    return prefill + decode
-
-
-# ---- transformers baseline -------------------------------------------------------------------
-
-
-def build_hf_model(hf_dict: dict[str, Any]) -> Any:
-    import transformers
-
-    config = transformers.LlamaConfig(**{k: v for k, v in hf_dict.items() if k != "architectures"})
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    return model.eval()
-
-
-def copy_weights_into_hf(engine: Engine, hf_model: Any) -> None:
-    """Give transformers exactly Baton's weights (so the correctness check means something)."""
-    ours = dict(engine.model.named_parameters())
-    cfg = engine.config.model
-    q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    with torch.no_grad():
-        for name, param in hf_model.named_parameters():
-            if ".self_attn.q_proj." in name:
-                src = ours[name.replace("q_proj", "qkv_proj")][:q]
-            elif ".self_attn.k_proj." in name:
-                src = ours[name.replace("k_proj", "qkv_proj")][q : q + kv]
-            elif ".self_attn.v_proj." in name:
-                src = ours[name.replace("v_proj", "qkv_proj")][q + kv :]
-            elif ".mlp.gate_proj." in name:
-                src = ours[name.replace("gate_proj", "gate_up_proj")][:inter]
-            elif ".mlp.up_proj." in name:
-                src = ours[name.replace("up_proj", "gate_up_proj")][inter:]
-            else:
-                src = ours[name]
-            param.copy_(src)
-
-
-def bench_hf(
-    hf_model: Any, num_requests: int, prompt_len: int, output_len: int, vocab: int, seed: int
-) -> dict[str, float]:
-    import transformers
-
-    prompts = random_prompts(num_requests, prompt_len, vocab, seed)
-    gen = transformers.GenerationConfig(
-        max_new_tokens=output_len,
-        min_new_tokens=output_len,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    results: dict[str, float] = {}
-    ids = torch.tensor(prompts, device="cuda")
-    with torch.inference_mode():
-        hf_model.generate(ids[:2, :64], generation_config=gen)  # warm-up
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-    produced = (out.shape[1] - prompt_len) * num_requests
-    results["generate_tokens_per_s"] = produced / elapsed
-    try:  # generate_batch runs its own thread; it refuses to run under inference_mode
-        t0 = time.perf_counter()
-        batch_out = hf_model.generate_batch(inputs=prompts, generation_config=gen)
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        produced = sum(len(r.generated_tokens) for r in batch_out.values())
-        results["generate_batch_tokens_per_s"] = produced / elapsed
-    except Exception as exc:  # an API that moved between transformers versions
-        log.warning("generate_batch failed: %r", exc)
-    return results
-
-
-def check_correctness(engine: Engine, hf_model: Any) -> dict[str, float]:
-    """Teacher-forced: Baton's logprob of each token it generated vs transformers' (bf16).
-
-    With random weights the logits are nearly flat, so comparing free-running greedy tokens
-    would only measure bf16 near-ties; scoring the same sequence with both models does not.
-    """
-    cfg = engine.config.model
-    prompts = random_prompts(4, 96, cfg.vocab_size, seed=1234)
-    params = SamplingParams(max_tokens=16, logprobs=1, **GREEDY)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"check-{i}", p, params)
-    got: dict[str, list[tuple[int, float]]] = {f"check-{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id] += [(lp.token_id, lp.logprob) for lp in out.logprobs]
-    worst = 0.0
-    with torch.inference_mode():
-        for i, p in enumerate(prompts):
-            tokens = p + [t for t, _ in got[f"check-{i}"]]
-            logits = hf_model(torch.tensor([tokens], device="cuda")).logits[0].float()
-            ref = torch.log_softmax(logits, dim=-1)
-            for j, (token, lp) in enumerate(got[f"check-{i}"]):
-                worst = max(worst, abs(lp - ref[len(p) - 1 + j, token].item()))
-    return {"max_logprob_abs_diff": worst}
-
-
-# ---- main ------------------------------------------------------------------------------------
 
 
 def main() -> int:

@@ -37,7 +37,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
 from engine.sampling_params import SamplingParams
-from loadtest.engine_bench import GREEDY, random_prompts, start_decode_batch
+from loadtest.engine_bench_runs import GREEDY, random_prompts, start_decode_batch
 
 log = logging.getLogger("mixed_step_bench")
 

@@ -33,7 +33,8 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
 from engine.sampling_params import SamplingParams
-from loadtest.engine_bench import GREEDY, cuda_time_s, matmul_tflops, prefill_flops, random_prompts
+from loadtest.engine_bench_roofline import cuda_time_s, matmul_tflops, prefill_flops
+from loadtest.engine_bench_runs import GREEDY, random_prompts
 
 log = logging.getLogger("prefill_profile")
 

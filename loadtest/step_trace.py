@@ -38,7 +38,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.presets import preset
 from engine.sampling_params import SamplingParams
-from loadtest.engine_bench import random_prompts
+from loadtest.engine_bench_runs import random_prompts
 from loadtest.figures import current_commit
 
 log = logging.getLogger("step_trace")
