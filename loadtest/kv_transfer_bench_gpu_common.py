@@ -28,7 +28,7 @@ def make_pool(num_blocks: int, device: str, fill: bool) -> KVPool:
     return pool
 
 
-def _synced_s(fn: Callable[[], object]) -> float:
+def synced_s(fn: Callable[[], object]) -> float:
     torch.cuda.synchronize(0)
     torch.cuda.synchronize(1)
     t0 = time.perf_counter()
@@ -38,5 +38,5 @@ def _synced_s(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _median_us(xs: list[float]) -> float:
+def median_us(xs: list[float]) -> float:
     return statistics.median(xs) * 1e6

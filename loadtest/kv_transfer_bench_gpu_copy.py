@@ -34,7 +34,7 @@ from kv_transfer.client import KVTransferClient
 from kv_transfer.cuda_ipc import CopyMode, CudaIpcTransport
 from kv_transfer.ipc_plan import contiguous_runs
 from kv_transfer.layout import KVLayout
-from loadtest.kv_transfer_bench_gpu_common import BS, GREEDY, _median_us, _synced_s
+from loadtest.kv_transfer_bench_gpu_common import BS, GREEDY, median_us, synced_s
 
 log = logging.getLogger("kv_transfer_bench")
 REPS = 4  # requests per trial of each copy variant (4 x 4k fit the decode pool), median
@@ -171,7 +171,7 @@ def size_figures(
         path = time.perf_counter() - t0
         for r, sent in zip(rs, sents, strict=True):
             client.commit(r, 1, list(range(pool.num_layers)), list(sent.layer_digests))
-        plain = _synced_s(lambda: [dst.copy_(src) for _ in range(REPS)])
+        plain = synced_s(lambda: [dst.copy_(src) for _ in range(REPS)])
         return plain, path
 
     variants = {
@@ -190,15 +190,15 @@ def size_figures(
     pipe_s: list[tuple[float, float]] = []  # (plain, path) per trial
     try:
         for warm in range(2):
-            _synced_s(lambda: dst.copy_(src))
+            synced_s(lambda: dst.copy_(src))
             pull_copy()
             for name, (mode, order, per_layer) in variants.items():
                 paths(f"w{label}{warm}{name}", mode, orders[order], per_layer, check=warm == 0)
         for trial in range(trials):  # alternating, the baselines first in every round
             # A trial's time is the median of REPS back-to-back runs, baselines alike.
-            times["plain"].append(statistics.median(_synced_s(lambda: dst.copy_(src))
+            times["plain"].append(statistics.median(synced_s(lambda: dst.copy_(src))
                                                     for _ in range(REPS)))  # fmt: skip
-            times["pull"].append(statistics.median(_synced_s(pull_copy) for _ in range(REPS)))
+            times["pull"].append(statistics.median(synced_s(pull_copy) for _ in range(REPS)))
             for name, (mode, order, per_layer) in variants.items():
                 reps = paths(f"{name}{label}{trial}", mode, orders[order], per_layer, False)
                 times[name].append(statistics.median(copy_s for copy_s, *_ in reps))
@@ -224,9 +224,9 @@ def size_figures(
 
     breakdown = {
         name: {"gbps": round(gbps[name], 1), "vs_peer_copy": round(ratio(name), 3),
-               "host_us_per_send": round(_median_us(send_s[name]), 1),
-               "host_us_open": round(_median_us(open_s[name]), 1),
-               "us_finish": round(_median_us(finish_s[name]), 1),
+               "host_us_per_send": round(median_us(send_s[name]), 1),
+               "host_us_open": round(median_us(open_s[name]), 1),
+               "us_finish": round(median_us(finish_s[name]), 1),
                "launches_or_copies_per_send": counts[name][0],
                "runs": counts[name][1]}
         for name in variants

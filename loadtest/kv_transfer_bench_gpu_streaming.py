@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer.client import KVTransferClient
 from kv_transfer.cuda_ipc import CopyMode, CudaIpcTransport
 from kv_transfer.ipc_plan import contiguous_runs
-from loadtest.kv_transfer_bench_gpu_common import GREEDY, _median_us, _synced_s
+from loadtest.kv_transfer_bench_gpu_common import GREEDY, median_us, synced_s
 
 log = logging.getLogger("kv_transfer_bench")
 
@@ -88,7 +88,7 @@ def exposed_figure(client: KVTransferClient, trials: int) -> dict:
 
     def plain(request_id: str) -> float:
         engine.add_request(request_id, prompt, one, hold_kv=True)
-        elapsed = _synced_s(engine.step)
+        elapsed = synced_s(engine.step)
         engine.release(request_id)
         return elapsed
 
@@ -123,7 +123,7 @@ def exposed_figure(client: KVTransferClient, trials: int) -> dict:
                  [round(x, 4) for x in prefill], [round(x, 4) for x in step],
                  [round(x, 5) for x in tail], [round(x * 1e3, 2) for x in tail_parts["finish"]],
                  [round(x * 1e3, 2) for x in tail_parts["commit"]],
-                 _median_us([h for h, _, _ in sends]), sorted(set(runs)))  # fmt: skip
+                 median_us([h for h, _, _ in sends]), sorted(set(runs)))  # fmt: skip
         return {
             "value": (step_s + tail_s - prefill_s) / prefill_s,
             "prefill_s": prefill_s,
@@ -133,7 +133,7 @@ def exposed_figure(client: KVTransferClient, trials: int) -> dict:
             "tail_fraction": tail_s / prefill_s,
             "tail_finish_ms": statistics.median(tail_parts["finish"]) * 1e3,
             "tail_commit_ms": statistics.median(tail_parts["commit"]) * 1e3,
-            "send_host_us_median": _median_us([h for h, _, _ in sends]),
+            "send_host_us_median": median_us([h for h, _, _ in sends]),
             "launches_or_copies_per_layer": statistics.median(launches),
             "runs_per_layer": statistics.median(runs),
             "bytes": num_bytes,
