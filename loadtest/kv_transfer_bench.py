@@ -38,8 +38,6 @@ import grpc
 import torch
 
 from engine.kv_pool import KVPool
-from engine.presets import preset
-from engine.sampling_params import SamplingParams
 from kv_transfer.allocator import keep_freed_memory
 from kv_transfer.client import ClientConfig, KVTransferClient
 from kv_transfer.layout import KVLayout, kv_buffers
@@ -48,19 +46,10 @@ from kv_transfer.sink import PoolSink
 from kv_transfer.transport import GrpcTransport
 from kv_transfer.wire import DEFAULT_CHUNK_BYTES, checksum_of
 from loadtest.figures import current_commit
+from loadtest.kv_transfer_bench_gpu_common import BS, GREEDY, make_pool
 
 log = logging.getLogger("kv_transfer_bench")
 TOKEN = "bench-token"
-BS = 16
-GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
-
-
-def make_pool(num_blocks: int, device: str, fill: bool) -> KVPool:
-    pool = KVPool(preset("llama3-8b"), num_blocks, BS, torch.bfloat16, torch.device(device))
-    if fill:
-        gen = torch.Generator(device=device).manual_seed(0)
-        pool.cache.view(torch.int16).random_(-(2**15), 2**15 - 1, generator=gen)
-    return pool
 
 
 # ---- CPU: gRPC path vs a bare byte stream -----------------------------------------------

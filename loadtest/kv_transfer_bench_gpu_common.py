@@ -1,7 +1,8 @@
-"""What the GPU parts of the KV-transfer benchmark share (kv_transfer_bench_gpu*.py): the
-llama3-8b-shaped KV pool both processes hold (block size BS, optionally filled with random
-bytes), the greedy sampling of the requests they move, and the two host-side timers (a call
-between syncs of cuda:0 and cuda:1; a median in microseconds).
+"""What the parts of the KV-transfer benchmark share (kv_transfer_bench.py's CPU part and
+the GPU parts, kv_transfer_bench_gpu*.py): the llama3-8b-shaped KV pool both processes hold
+(block size BS, optionally filled with random bytes), the greedy sampling of the requests
+they move, and the GPU parts' two host-side timers (a call between syncs of cuda:0 and
+cuda:1; a median in microseconds).
 """
 
 from __future__ import annotations
