@@ -26,7 +26,7 @@ from decode_worker.delivery import deliver
 from decode_worker.messages import TokenChunk, WorkerLoad
 from decode_worker.worker import DecodeWorker, KVServiceSpec
 from engine.sampling_params import SamplingParams
-from kv_transfer.allocator import keep_freed_memory
+from kv_transfer import allocator
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -35,9 +35,8 @@ class DecodeActor:
         from baton.launcher import build_engine, resolve_bind_host
 
         # kv_transfer/allocator.py's malloc settings, before this process allocates much
-        self.keeps_freed_memory = bool(kv_service and kv_service.keep_freed_memory) and (
-            keep_freed_memory()
-        )
+        wanted = kv_service is not None and kv_service.keep_freed_memory
+        self.keeps_freed_memory = wanted and allocator.keep_freed_memory()
         if kv_service is not None:
             kv_service = dataclasses.replace(
                 kv_service, bind_host=resolve_bind_host(kv_service.bind_host)

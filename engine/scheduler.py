@@ -92,17 +92,13 @@ class Scheduler:
 
         # 1. Running sequences, oldest first, at most max_num_seqs of them (sequences handed
         #    over by Engine.commit can push `running` past it; the rest wait their turn).
-        limit = min(len(self.running), self.config.max_num_seqs)
-        # decodes_behind[i]: decoding sequences among running[i + 1 : limit]
-        decodes_behind = [0] * (limit + 1)
-        for j in range(limit - 1, -1, -1):
-            decodes_behind[j] = decodes_behind[j + 1] + self._is_decoding(self.running[j])
         i = 0
         while i < len(self.running) and budget > 0 and i < self.config.max_num_seqs:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._is_decoding(seq):  # at least one token: a chunk never starves
-                num_new = max(1, min(num_new, budget - decodes_behind[i + 1]))
+            if not self._is_decoding(seq):  # a chunk: room for the decodes behind it, >= 1
+                behind = self.running[i + 1 : self.config.max_num_seqs]
+                num_new = max(1, min(num_new, budget - sum(map(self._is_decoding, behind))))
             while not self.block_manager.grow(seq, num_new):
                 victim = self.running.pop()  # the youngest
                 self._preempt(victim)

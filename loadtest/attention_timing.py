@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from loadtest.engine_bench_roofline import cuda_time_s
+
 
 class Report:
     """Lines go to stdout and, as they come, to the log file (a killed run keeps its log)."""
@@ -44,23 +46,17 @@ class Env:
 
 
 def time_s(env: Env, fn: Callable[[], object], repeat: int = 30, warmup: int = 3) -> float:
-    """Median seconds of one call, CUDA events around each call, after warm-up."""
+    """Median seconds of one call after warm-up: CUDA events around each call on a GPU
+    (engine_bench_roofline.cuda_time_s), the wall clock under the CPU interpreter."""
+    if env.device.type == "cuda":
+        return cuda_time_s(fn, repeat if not env.smoke else 1, warmup)
     for _ in range(warmup):
         fn()
-    env.sync()
     times = []
     for _ in range(repeat if not env.smoke else 1):
-        if env.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
+from loadtest.bench_log import log_to
 from loadtest.engine_bench_roofline import copy_bandwidth_gbs, cuda_time_s
 from loadtest.engine_bench_runs import start_decode_batch
 
@@ -160,11 +161,7 @@ def main() -> int:
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-        handlers=[logging.FileHandler(out_dir / "decode_profile.log"), logging.StreamHandler()],
-    )
+    log_to(out_dir / "decode_profile.log")
     result: dict[str, Any] = {"card": torch.cuda.get_device_name()}
     result["copy_gbs"] = copy_bandwidth_gbs()
     model_cfg = ModelConfig.from_hf_dict(preset_hf_config(args.preset))

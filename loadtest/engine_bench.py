@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
 from engine.presets import preset_hf_config  # noqa: E402
+from loadtest.bench_log import log_to
 from loadtest.engine_bench_hf import (  # noqa: E402
     bench_hf,
     build_hf_model,
@@ -69,12 +70,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     args = parser.parse_args()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-        handlers=[logging.FileHandler(args.log), logging.StreamHandler()],
-    )
+    log_to(Path(args.log))
     assert torch.cuda.is_available(), "the engine bench needs a GPU"
     card = torch.cuda.get_device_name()
     figures: dict[str, Any] = {"card": card, "torch": torch.__version__}

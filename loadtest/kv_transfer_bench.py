@@ -45,6 +45,7 @@ from kv_transfer.server import ServerConfig, start_server
 from kv_transfer.sink import PoolSink
 from kv_transfer.transport import GrpcTransport
 from kv_transfer.wire import DEFAULT_CHUNK_BYTES, checksum_of
+from loadtest.bench_log import log_to
 from loadtest.figures import current_commit
 from loadtest.kv_transfer_bench_gpu_common import BS, GREEDY, make_pool
 
@@ -335,11 +336,7 @@ def main() -> None:
         args.out_dir / f"kv_transfer_{kind}.json",
         args.out_dir / f"kv_transfer_{kind}.log",
     )
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-        handlers=[logging.FileHandler(log_path), logging.StreamHandler(sys.stderr)],
-    )
+    log_to(log_path)
     run = {
         "date": time.strftime("%Y-%m-%d"),
         "commit": current_commit(),

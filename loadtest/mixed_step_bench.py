@@ -37,6 +37,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
 from engine.sampling_params import SamplingParams
+from loadtest.bench_log import log_to
 from loadtest.engine_bench_runs import GREEDY, random_prompts, start_decode_batch
 
 log = logging.getLogger("mixed_step_bench")
@@ -152,11 +153,7 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(message)s",
-        handlers=[logging.StreamHandler(), logging.FileHandler(out / "mixed_step.log")],
-    )
+    log_to(out / "mixed_step.log")
     batches = [int(b) for b in args.batches.split(",")]
     chunks = [int(c) for c in args.chunks.split(",")]
     cuda = args.device == "cuda"

@@ -33,6 +33,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.presets import preset_hf_config
 from engine.sampling_params import SamplingParams
+from loadtest.bench_log import log_to
 from loadtest.engine_bench_roofline import cuda_time_s, matmul_tflops, prefill_flops
 from loadtest.engine_bench_runs import GREEDY, random_prompts
 
@@ -132,11 +133,7 @@ def main() -> int:
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(message)s",
-        handlers=[logging.FileHandler(out_dir / "prefill_profile.log"), logging.StreamHandler()],
-    )
+    log_to(out_dir / "prefill_profile.log")
     cfg = ModelConfig.from_hf_dict(preset_hf_config(args.preset))
     result: dict[str, Any] = {
         "card": torch.cuda.get_device_name(),

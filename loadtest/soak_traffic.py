@@ -15,7 +15,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from baton.client import build_request
 from loadtest.targets import GrpcTarget, GrpcTargetConfig, StreamChunk, chunks_from_call
 from loadtest.workload import BenchRequest
 
@@ -115,20 +114,7 @@ class SoakTarget(GrpcTarget):
         self, request: BenchRequest, request_id: str, timeout_s: float
     ) -> Iterator[StreamChunk]:
         plan = self.plans[int(request_id.removeprefix(f"{self.prefix}-"))]
-        prompt = (
-            request.prompt_text if request.prompt_text is not None else request.prompt_token_ids
-        )
-        assert prompt is not None
-        call = self.client.stream(
-            build_request(
-                prompt,
-                request_id=request_id,
-                max_tokens=request.max_tokens,
-                temperature=self.config.temperature,
-                ignore_eos=self.config.ignore_eos,
-            ),
-            timeout_s=min(timeout_s, plan.deadline_s),
-        )
+        call = self.start_call(request, request_id, min(timeout_s, plan.deadline_s))
         timer = None
         if plan.cancel_after_s is not None:
             timer = threading.Timer(plan.cancel_after_s, call.cancel)

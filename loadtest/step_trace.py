@@ -38,6 +38,7 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.presets import preset
 from engine.sampling_params import SamplingParams
+from loadtest.bench_log import log_to
 from loadtest.engine_bench_runs import random_prompts
 from loadtest.figures import current_commit
 
@@ -151,9 +152,7 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=Path("results"))
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-                        handlers=[logging.StreamHandler(),
-                                  logging.FileHandler(args.out_dir / "step_trace.log", "w")])  # fmt: skip
+    log_to(args.out_dir / "step_trace.log", "w")
     entries_start = triton_cache_entries()
     t0 = time.perf_counter()
     engine = Engine(EngineConfig(

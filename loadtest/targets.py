@@ -267,16 +267,15 @@ class GrpcTarget(Target):
             return {}
         return {f"{w.role}:{w.name}": (w.num_steps, w.step_s, w.step_rows) for w in stats.workers}
 
-    def stream(
-        self, request: BenchRequest, request_id: str, timeout_s: float
-    ) -> Iterator[StreamChunk]:
+    def start_call(self, request: BenchRequest, request_id: str, timeout_s: float) -> Any:
+        """Send the request; the streaming call, for the caller to read (or cancel)."""
         prompt = (
             request.prompt_token_ids
             if request.prompt_token_ids is not None
             else request.prompt_text
         )
         assert prompt is not None
-        call = self.client.stream(
+        return self.client.stream(
             build_request(
                 prompt,
                 request_id=request_id,
@@ -287,7 +286,11 @@ class GrpcTarget(Target):
             ),
             timeout_s=timeout_s,
         )
-        yield from chunks_from_call(call)
+
+    def stream(
+        self, request: BenchRequest, request_id: str, timeout_s: float
+    ) -> Iterator[StreamChunk]:
+        yield from chunks_from_call(self.start_call(request, request_id, timeout_s))
 
     def close(self) -> None:
         self.client.close()

@@ -11,7 +11,7 @@ import asyncio
 import ray
 
 from decode_worker.messages import PrefillResult, PrefillTask, WorkerLoad
-from kv_transfer.allocator import keep_freed_memory as keep_freed_memory_now
+from kv_transfer import allocator
 from kv_transfer.transport import TransportKind, make_transport
 from prefill_worker.streamers import TransportFactory
 from prefill_worker.worker import PrefillWorker
@@ -37,7 +37,7 @@ class PrefillActor:
         kv_transfer/allocator.py's malloc settings to this process first."""
         from baton.launcher import build_engine
 
-        self.keeps_freed_memory = keep_freed_memory and keep_freed_memory_now()
+        self.keeps_freed_memory = keep_freed_memory and allocator.keep_freed_memory()
         engine = build_engine(worker_spec)
         self.worker = PrefillWorker(
             name,
