@@ -9,6 +9,8 @@ timings and the fastest variant for the summary table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loadtest.attention_timing import Env
@@ -47,6 +49,28 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 Row = tuple[bool, float, float, str]  # (is the default launch, seconds, rate, name)
+
+
+def check_variant(
+    report: Callable[[str], None],
+    name: str,
+    out: torch.Tensor,
+    run: Callable[[], object],
+    ref: torch.Tensor,
+) -> float | None:
+    """One launch variant, before it is timed: `out` poisoned, one run into it, compared with
+    `ref`. Its relative error, or None (reported) when it fails to launch or is wrong."""
+    out.fill_(float("nan"))
+    try:
+        run()
+    except Exception as exc:  # e.g. OutOfResources for a shape the card cannot hold
+        report(f"  {name}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+        return None
+    err = rel_err(out, ref)
+    if not err < 1e-2:
+        report(f"  {name}: WRONG rel err {err:.2e}, not timed")
+        return None
+    return err
 
 
 def summary_rows(rows: list[Row]) -> list[tuple[str, Row]]:
