@@ -17,8 +17,9 @@ next, reads them instead of timing again: engines that share a host run the same
 for the same products (prefill and decode tiers alike; a prefill engine's first-token
 logits are a batch-1 product too). Engines on different hosts still tune on their own. The file is taken under an
 exclusive lock (fcntl.flock) while it is read, completed and written, so engines starting
-together wait for the first. Anything wrong with the file or its folder falls back to timing
-locally, with a warning: a start-up never fails for it.
+together wait for the first (at most LOCK_TIMEOUT_S). Anything wrong with the file, its
+folder or its lock falls back to timing locally, with a warning: a start-up never fails or
+hangs for it.
 
 Where: $BATON_CACHE_DIR, else ~/.cache/baton (the temp folder's baton-cache without a home
 directory); one file per combination, `gemv-<hash>.json`, holding {"key": ..., "choices":
@@ -36,12 +37,15 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR_ENV = "BATON_CACHE_DIR"
+# Timing every shape takes about a second; an engine waiting longer times on its own.
+LOCK_TIMEOUT_S = 60.0
 
 ShapeKey = tuple[int, int, bool]  # (N, K, has bias)
 Choice = tuple[int, int, int] | None  # a GEMV launch shape, or None for cuBLAS
@@ -64,10 +68,13 @@ def _name(key: ShapeKey) -> str:
 class HostChoices:
     """The choices file of one combination (`key`: GPU model, versions, candidates)."""
 
-    def __init__(self, key: str, cache_dir: Path | None = None) -> None:
+    def __init__(
+        self, key: str, cache_dir: Path | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S
+    ) -> None:
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.key = key
         self.path = (cache_dir or default_cache_dir()) / f"gemv-{digest}.json"
+        self.lock_timeout_s = lock_timeout_s
 
     def choose(
         self, shapes: Iterable[ShapeKey], time_shape: Callable[[ShapeKey], Choice]
@@ -90,9 +97,21 @@ class HostChoices:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        """The file's lock, released when the lock file closes; TimeoutError (an OSError:
+        timing locally) if another engine holds it past lock_timeout_s."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
         with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"another engine held the lock for {self.lock_timeout_s:g} s"
+                        ) from None
+                    time.sleep(0.05)
             yield
 
     def _read(self) -> dict[str, Choice]:

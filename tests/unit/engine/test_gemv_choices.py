@@ -125,3 +125,16 @@ def test_without_a_home_directory_the_temp_folder_serves(monkeypatch) -> None:  
 
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
     assert HostChoices(KEY).path.parent.name == "baton-cache"
+
+
+def test_a_lock_held_too_long_is_given_up_and_timed_here(tmp_path: Path) -> None:
+    import fcntl
+
+    store = HostChoices(KEY, tmp_path, lock_timeout_s=0.2)
+    with open(store.path.with_suffix(".lock"), "a") as held:  # another engine, stuck
+        fcntl.flock(held, fcntl.LOCK_EX)
+        timer = Timer({QKV: (8, 512, 4)})
+        start = time.monotonic()
+        assert store.choose([QKV], timer) == {QKV: (8, 512, 4)} and timer.timed == [QKV]
+        assert time.monotonic() - start < 5
+    assert not store.path.exists()  # nothing recorded without the lock
